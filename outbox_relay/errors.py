@@ -1,0 +1,13 @@
+"""Exceptions of the relay package; every one derives from ``RelayError``."""
+
+
+class RelayError(Exception):
+    """Root of the relay's exceptions."""
+
+
+class SettingsError(RelayError):
+    """A setting is missing, malformed or unreadable; raised at start-up."""
+
+
+class PublishError(RelayError):
+    """The broker did not confirm a message: refused, returned or timed out."""

@@ -1,0 +1,45 @@
+"""Settings of the API process, read once at start-up (see outbox_relay.config)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from outbox_relay.config import mask_url
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/outbox_tasks"
+
+
+class DatabaseSettings(msgspec.Struct, kw_only=True):
+    """Just the database, for tools such as Alembic that need nothing else."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+
+    def __repr__(self) -> str:
+        return f"DatabaseSettings(database_url={mask_url(self.database_url)!r})"
+
+
+class ServiceSettings(msgspec.Struct, kw_only=True):
+    #: PostgreSQL, as ``postgresql://user:password@host:port/database``.
+    database_url: str = DEFAULT_DATABASE_URL
+    #: Interface and port the API listens on.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    #: Requests with a larger body are refused with 413.
+    api_max_body_bytes: int = 1024 * 1024
+    #: Connections the API keeps to PostgreSQL (plus as many again in bursts).
+    db_pool_size: int = 10
+    #: Type used when a submitted task names none.
+    default_task_type: str = "checksum"
+    #: Attempts a task gets when it does not say.
+    default_max_attempts: int = 3
+    #: Comma-separated modules that register extra task handlers on import.
+    task_handler_modules: str = ""
+    log_level: str = "INFO"
+    #: JSON log lines; unset means JSON unless standard error is a terminal.
+    log_json: bool | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ServiceSettings(database_url={mask_url(self.database_url)!r}, "
+            f"api_host={self.api_host!r}, api_port={self.api_port})"
+        )
