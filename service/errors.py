@@ -25,3 +25,11 @@ class TaskStateConflictError(ServiceError):
 
 class InvalidCursorError(ServiceError):
     """A list cursor that this service did not issue, or that was altered."""
+
+
+class RequestValidationError(ServiceError):
+    """A request body that parsed but breaks a rule the schema cannot express."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {message}" for field, message in errors))
+        self.errors = errors

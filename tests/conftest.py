@@ -8,6 +8,7 @@ touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -94,16 +95,12 @@ async def amqp_prefix() -> AsyncIterator[str]:
     try:
         for queue in names.queues:
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.queue_delete(queue)
-            except aio_pika.exceptions.ChannelClosed:
-                pass
         for exchange in names.exchanges:
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.exchange_delete(exchange)
-            except aio_pika.exceptions.ChannelClosed:
-                pass
     finally:
         await connection.close()
 

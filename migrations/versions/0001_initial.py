@@ -23,9 +23,7 @@ PRIORITIES = "'LOW', 'MEDIUM', 'HIGH'"
 def upgrade() -> None:
     op.create_table(
         "outbox",
-        sa.Column(
-            "id", sa.BigInteger(), sa.Identity(always=True), primary_key=True
-        ),
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), primary_key=True),
         sa.Column("routing_key", sa.Text(), nullable=False),
         sa.Column("body", postgresql.JSONB(), nullable=False),
         sa.Column(

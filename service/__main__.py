@@ -1,0 +1,44 @@
+"""Command line of the API: ``python -m service`` serves it."""
+
+from __future__ import annotations
+
+import click
+import uvicorn
+from dotenv import load_dotenv
+
+from outbox_relay.config import load_settings
+from outbox_relay.logs import configure_logging
+from service.app import create_app
+from service.settings import ServiceSettings
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Outbox task service API. Without a command, serve the API."""
+    if ctx.invoked_subcommand is None:
+        serve()
+
+
+def serve() -> None:
+    load_dotenv()
+    settings = load_settings(ServiceSettings)
+    configure_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+
+    # uvicorn handles SIGTERM: it stops accepting connections, lets in-flight
+    # requests finish, runs the lifespan shutdown (closing the pool) and
+    # exits 0.
+    uvicorn.run(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=20,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Task operations behind the API: each one is a single database transaction.
+
+Every write here either commits the task change together with the outbox row
+that announces it, or changes nothing. If the process dies after the commit
+but before answering, the change stands and the relay still publishes it; the
+client learns the outcome by reading the task.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import Select, func, insert, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from outbox_relay.outbox import OutboxMessage, enqueue
+from service.errors import (
+    InvalidCursorError,
+    RequestValidationError,
+    TaskNotFoundError,
+    TaskStateConflictError,
+)
+from service.models import TERMINAL_STATUSES, Task, TaskPriority, TaskStatus
+from service.problems import field_error_from_msgspec
+from service.registry import HandlerRegistry
+from service.schemas import TaskCreate, TaskRead
+
+_TASK_COLUMNS = [getattr(Task, name) for name in TaskRead.__struct_fields__]
+
+
+class TaskFilters(msgspec.Struct, kw_only=True):
+    status: TaskStatus | None = None
+    priority: TaskPriority | None = None
+    type: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def _read(row: Any) -> TaskRead:
+    return msgspec.convert(dict(row._mapping), TaskRead, from_attributes=True)
+
+
+def _event(
+    routing_key: str, task: TaskRead, headers: Mapping[str, str]
+) -> OutboxMessage:
+    return OutboxMessage(
+        routing_key=routing_key,
+        body={"task_id": str(task.id), "type": task.type, "status": task.status},
+        correlation_id=str(task.id),
+        headers=headers,
+        available_at=task.run_at if routing_key == "task.created" else None,
+    )
+
+
+def validate_submission(
+    data: TaskCreate, registry: HandlerRegistry, default_type: str
+) -> tuple[str, dict[str, Any]]:
+    """The task type to use and the payload normalised by its schema.
+
+    Raises UnknownTaskTypeError or RequestValidationError; nothing is written.
+    """
+    task_type = registry.get(data.type or default_type)
+    try:
+        normalised = task_type.decode(data.payload)
+    except msgspec.ValidationError as exc:
+        error = field_error_from_msgspec("payload", exc)
+        raise RequestValidationError([(error.field, error.message)]) from exc
+    return task_type.name, msgspec.to_builtins(normalised)
+
+
+async def create_task(
+    conn: AsyncConnection,
+    data: TaskCreate,
+    *,
+    task_type: str,
+    payload: dict[str, Any],
+    max_attempts: int,
+    headers: Mapping[str, str],
+) -> TaskRead:
+    """Insert the task as NEW and its ``task.created`` outbox row, atomically."""
+    async with conn.begin():
+        row = (
+            await conn.execute(
+                insert(Task)
+                .values(
+                    id=uuid.uuid4(),
+                    title=data.title,
+                    description=data.description,
+                    type=task_type,
+                    payload=payload,
+                    priority=data.priority.value,
+                    status=TaskStatus.NEW.value,
+                    max_attempts=max_attempts,
+                    run_at=data.run_at,
+                )
+                .returning(*_TASK_COLUMNS)
+            )
+        ).one()
+        task = _read(row)
+        await enqueue(conn, _event("task.created", task, headers))
+    return task
+
+
+async def get_task(conn: AsyncConnection, task_id: uuid.UUID) -> TaskRead:
+    row = (
+        await conn.execute(select(*_TASK_COLUMNS).where(Task.id == task_id))
+    ).one_or_none()
+    if row is None:
+        raise TaskNotFoundError(str(task_id))
+    return _read(row)
+
+
+async def cancel_task(
+    conn: AsyncConnection, task_id: uuid.UUID, headers: Mapping[str, str]
+) -> TaskRead:
+    """Mark a task CANCELLED and announce it, unless it already finished.
+
+    A consumer that is running the task notices the status and stops; one
+    that receives the task's message later skips it.
+    """
+    async with conn.begin():
+        # Lock first, so a consumer recording an outcome at the same moment
+        # either finishes before us (and we answer 409) or sees CANCELLED.
+        current = (
+            await conn.execute(
+                select(Task.status).where(Task.id == task_id).with_for_update()
+            )
+        ).scalar_one_or_none()
+        if current is None:
+            raise TaskNotFoundError(str(task_id))
+        if current in TERMINAL_STATUSES:
+            raise TaskStateConflictError(f"the task is already {current}")
+
+        row = (
+            await conn.execute(
+                update(Task)
+                .where(Task.id == task_id)
+                .values(
+                    status=TaskStatus.CANCELLED.value,
+                    completed_at=func.now(),
+                    updated_at=func.now(),
+                )
+                .returning(*_TASK_COLUMNS)
+            )
+        ).one()
+        task = _read(row)
+        await enqueue(conn, _event("task.cancelled", task, headers))
+    return task
+
+
+async def list_tasks(
+    conn: AsyncConnection,
+    filters: TaskFilters,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> tuple[list[TaskRead], str | None]:
+    """Newest first, one page; the cursor is the last row's (created_at, id)."""
+    query: Select[Any] = select(*_TASK_COLUMNS)
+    if filters.status is not None:
+        query = query.where(Task.status == filters.status.value)
+    if filters.priority is not None:
+        query = query.where(Task.priority == filters.priority.value)
+    if filters.type is not None:
+        query = query.where(Task.type == filters.type)
+    if filters.created_after is not None:
+        query = query.where(Task.created_at >= filters.created_after)
+    if filters.created_before is not None:
+        query = query.where(Task.created_at < filters.created_before)
+    if after is not None:
+        query = query.where(tuple_(Task.created_at, Task.id) < tuple_(*after))
+
+    query = query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
+    rows = (await conn.execute(query)).all()
+    items = [_read(row) for row in rows[:limit]]
+
+    next_cursor = None
+    if len(rows) > limit:
+        last = items[-1]
+        next_cursor = encode_cursor(last.created_at, last.id)
+    return items, next_cursor
+
+
+def encode_cursor(created_at: datetime, task_id: uuid.UUID) -> str:
+    raw = msgspec.json.encode([created_at, task_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = msgspec.json.decode(raw, type=tuple[datetime, uuid.UUID])
+    except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
+        raise InvalidCursorError(cursor) from exc
+    if created_at.tzinfo is None:
+        raise InvalidCursorError(cursor)
+    return created_at, task_id
