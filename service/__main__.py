@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
+import structlog
 import uvicorn
 from dotenv import load_dotenv
 
 from outbox_relay.config import load_settings
 from outbox_relay.logs import configure_logging
 from service.app import create_app
+from service.migrate import create_database_if_missing, upgrade_to_head
 from service.settings import ServiceSettings
 
 
@@ -17,13 +21,20 @@ from service.settings import ServiceSettings
 def main(ctx: click.Context) -> None:
     """Outbox task service API. Without a command, serve the API."""
     if ctx.invoked_subcommand is None:
-        serve()
+        ctx.invoke(serve)
 
 
-def serve() -> None:
+def _settings() -> ServiceSettings:
     load_dotenv()
     settings = load_settings(ServiceSettings)
     configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+@main.command("serve")
+def serve() -> None:
+    """Serve the HTTP API on API_HOST:API_PORT."""
+    settings = _settings()
     app = create_app(settings)
 
     # uvicorn handles SIGTERM: it stops accepting connections, lets in-flight
@@ -38,6 +49,15 @@ def serve() -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=20,
     )
+
+
+@main.command("migrate")
+def migrate() -> None:
+    """Create the database if it is missing and apply every migration."""
+    settings = _settings()
+    asyncio.run(create_database_if_missing(settings.database_url))
+    upgrade_to_head(settings.database_url)
+    structlog.get_logger(__name__).info("database_migrated")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from outbox_relay.config import (
+    asyncpg_dsn,
+    load_settings,
+    mask_url,
+    sqlalchemy_url,
+)
+from outbox_relay.errors import SettingsError
+from service.settings import ServiceSettings
+
+
+class Example(msgspec.Struct, kw_only=True):
+    database_url: str = "postgresql://localhost/db"
+    port: int = 1
+    verbose: bool | None = None
+
+
+def test_values_come_from_upper_case_variables_and_are_converted() -> None:
+    settings = load_settings(
+        Example, {"DATABASE_URL": "postgresql://h/x", "PORT": "8080", "VERBOSE": "true"}
+    )
+
+    assert settings == Example(database_url="postgresql://h/x", port=8080, verbose=True)
+
+
+def test_defaults_apply_to_unset_variables() -> None:
+    assert load_settings(Example, {}) == Example()
+
+
+def test_a_secret_can_be_read_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "url"
+    secret.write_text("postgresql://u:pw@h/x\n")
+
+    settings = load_settings(Example, {"DATABASE_URL_FILE": str(secret)})
+
+    assert settings.database_url == "postgresql://u:pw@h/x"
+
+
+def test_both_a_value_and_a_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="either"):
+        load_settings(Example, {"PORT": "1", "PORT_FILE": str(tmp_path)})
+
+
+def test_an_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="PORT_FILE"):
+        load_settings(Example, {"PORT_FILE": str(tmp_path / "missing")})
+
+
+def test_invalid_values_are_reported_at_start_up() -> None:
+    with pytest.raises(SettingsError, match="port"):
+        load_settings(Example, {"PORT": "eighty"})
+
+
+def test_passwords_never_appear_in_repr() -> None:
+    settings = ServiceSettings(database_url="postgresql://app:hunter2@db:5432/tasks")
+
+    assert "hunter2" not in repr(settings)
+    assert mask_url("amqp://guest:s3cret@mq:5672/") == "amqp://guest:***@mq:5672/"
+    assert mask_url("postgresql://app@db/tasks") == "postgresql://app@db/tasks"
+
+
+def test_database_urls_are_translated_for_each_driver() -> None:
+    plain = "postgresql://app@db:5432/tasks"
+
+    assert sqlalchemy_url(plain) == "postgresql+asyncpg://app@db:5432/tasks"
+    assert asyncpg_dsn(plain) == plain
+    with pytest.raises(SettingsError):
+        sqlalchemy_url("mysql://app@db/tasks")
