@@ -11,3 +11,11 @@ class SettingsError(RelayError):
 
 class PublishError(RelayError):
     """The broker did not confirm a message: refused, returned or timed out."""
+
+
+class BrokerUnavailableError(RelayError):
+    """RabbitMQ cannot be reached or the channel broke; no message is to blame."""
+
+
+class DatabaseUnavailableError(RelayError):
+    """PostgreSQL cannot be reached or dropped the connection; worth retrying."""

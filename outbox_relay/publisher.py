@@ -1,8 +1,232 @@
-"""Publishing outbox rows to RabbitMQ with publisher confirms."""
+"""Publishing outbox rows to RabbitMQ with publisher confirms.
+
+A row counts as published only when the broker has acknowledged it: every
+message is mandatory, so a message no queue would take comes back and fails
+its row instead of vanishing. aio-pika's and aiormq's exceptions are
+translated here and nowhere else; the relay sees a :class:`BatchOutcome` that
+sorts the rows into published, failed (the message's problem, retried with
+back-off) and unsent (the connection's problem, retried without counting).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aio_pika.exceptions
+import msgspec
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from outbox_relay.errors import BrokerUnavailableError, PublishError
+from outbox_relay.queries import OutboxRow
+
+_HEADERS = msgspec.json.Decoder(dict[str, Any])
 
 
 def events_exchange_name(prefix: str) -> str:
     """The durable topic exchange every outbox row is published to."""
     return f"{prefix}.events"
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What became of each row of a batch; every row is in exactly one group."""
+
+    #: Confirmed by the broker.
+    published: list[int] = field(default_factory=list)
+    #: Refused, returned as unroutable, or not confirmed in time.
+    failed: dict[int, PublishError] = field(default_factory=dict)
+    #: Never settled because the connection or channel broke.
+    unsent: list[int] = field(default_factory=list)
+    #: Why the rows in ``unsent`` were not sent.
+    broker_error: BrokerUnavailableError | None = None
+
+    def add_unsent(self, row_id: int, error: BrokerUnavailableError) -> None:
+        self.unsent.append(row_id)
+        self.broker_error = error
+
+
+def build_message(row: OutboxRow) -> aio_pika.Message:
+    """The AMQP message for ``row``; raises ``PublishError`` for bad headers."""
+    try:
+        headers = _HEADERS.decode(row.headers)
+    except msgspec.DecodeError as exc:
+        raise PublishError(f"headers are not a JSON object: {exc}") from exc
+
+    return aio_pika.Message(
+        body=row.body.encode(),
+        message_id=str(row.id),
+        correlation_id=row.correlation_id,
+        type=row.routing_key,
+        timestamp=row.created_at,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers=headers,
+    )
+
+
+class OutboxPublisher:
+    """One robust connection and one confirming channel to the events exchange.
+
+    The robust connection reconnects by itself and re-declares the exchange;
+    :attr:`is_ready` tells the relay whether claiming rows makes sense now.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractRobustChannel,
+        exchange: AbstractExchange,
+        publish_timeout: float,
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._exchange = exchange
+        self._publish_timeout = publish_timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        amqp_url: str,
+        prefix: str,
+        *,
+        publish_timeout: float,
+        connection_name: str,
+    ) -> OutboxPublisher:
+        """Connect, open a confirming channel and declare the exchange.
+
+        Raises ``BrokerUnavailableError`` when the broker cannot be reached;
+        after this first success, reconnection is the connection's business.
+        """
+        try:
+            connection = await aio_pika.connect_robust(
+                amqp_url,
+                timeout=publish_timeout,
+                client_properties={"connection_name": connection_name},
+            )
+        except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailableError(_describe(exc)) from exc
+
+        try:
+            channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            exchange = await channel.declare_exchange(
+                events_exchange_name(prefix),
+                aio_pika.ExchangeType.TOPIC,
+                durable=True,
+            )
+        except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
+            await connection.close()
+            raise BrokerUnavailableError(_describe(exc)) from exc
+
+        return cls(connection, channel, exchange, publish_timeout)
+
+    @property
+    def is_ready(self) -> bool:
+        """Connected with an open channel, as far as the client knows."""
+        return (
+            self._connection.connected.is_set()
+            and not self._connection.is_closed
+            and not self._channel.is_closed
+        )
+
+    async def wait_ready(self) -> None:
+        """Return once the connection and channel are restored."""
+        await self._channel.ready()
+
+    async def publish_batch(self, rows: Sequence[OutboxRow]) -> BatchOutcome:
+        """Publish ``rows`` concurrently and wait for each one's confirm.
+
+        Messages go out in the order of ``rows`` over one channel, so the
+        broker receives them in that order. The whole batch is bounded by the
+        publish timeout even if the client waits for a reconnection, so the
+        relay's lease on the rows cannot run out while they are in flight.
+        """
+        outcome = BatchOutcome()
+        if not rows:
+            return outcome
+
+        tasks = {
+            row.id: asyncio.create_task(
+                self._publish_one(row), name=f"outbox-publish-{row.id}"
+            )
+            for row in rows
+        }
+        _, pending = await asyncio.wait(tasks.values(), timeout=self._publish_timeout)
+        for task in pending:
+            task.cancel()
+        # Cancelled tasks must finish before the batch is settled, so no
+        # late confirm is still running when the rows are marked.
+        await asyncio.gather(*pending, return_exceptions=True)
+
+        for row_id, task in tasks.items():
+            if task in pending:
+                self._timed_out(outcome, row_id)
+                continue
+
+            error = task.result()
+            if error is None:
+                outcome.published.append(row_id)
+            elif isinstance(error, BrokerUnavailableError):
+                outcome.add_unsent(row_id, error)
+            else:
+                outcome.failed[row_id] = error
+        return outcome
+
+    async def close(self) -> None:
+        # The connection is going away either way and nothing is in flight,
+        # so a failure to close it politely changes nothing.
+        with contextlib.suppress(*aio_pika.exceptions.CONNECTION_EXCEPTIONS):
+            await self._connection.close()
+
+    async def _publish_one(
+        self, row: OutboxRow
+    ) -> PublishError | BrokerUnavailableError | None:
+        try:
+            message = build_message(row)
+        except PublishError as exc:
+            return exc
+
+        # Order matters: PublishError (returned) is a DeliveryError (nacked),
+        # and both are AMQPErrors, which also cover a broken connection.
+        try:
+            await self._exchange.publish(
+                message,
+                routing_key=row.routing_key,
+                mandatory=True,
+                timeout=self._publish_timeout,
+            )
+        except aio_pika.exceptions.PublishError as exc:
+            return PublishError(f"unroutable: returned by the broker ({exc})")
+        except aio_pika.exceptions.DeliveryError as exc:
+            return PublishError(f"refused: the broker nacked it ({exc})")
+        except TimeoutError:
+            if not self.is_ready:
+                return BrokerUnavailableError("connection lost while publishing")
+            return PublishError(f"not confirmed within {self._publish_timeout:g} s")
+        except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
+            return BrokerUnavailableError(_describe(exc))
+        return None
+
+    def _timed_out(self, outcome: BatchOutcome, row_id: int) -> None:
+        if self.is_ready:
+            outcome.failed[row_id] = PublishError(
+                f"not confirmed within {self._publish_timeout:g} s"
+            )
+        else:
+            outcome.add_unsent(
+                row_id, BrokerUnavailableError("connection lost while publishing")
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+from types import FrameType
 
 import click
 import structlog
@@ -37,9 +39,13 @@ def serve() -> None:
     settings = _settings()
     app = create_app(settings)
 
-    # uvicorn handles SIGTERM: it stops accepting connections, lets in-flight
-    # requests finish, runs the lifespan shutdown (closing the pool) and
-    # exits 0.
+    # uvicorn handles SIGTERM and SIGINT: it stops accepting connections, lets
+    # in-flight requests finish and runs the lifespan shutdown (closing the
+    # pool). Afterwards it re-raises the signal against the handlers that were
+    # installed before it started; these make that a clean exit with status 0
+    # instead of death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     uvicorn.run(
         app,
         host=settings.api_host,
@@ -49,6 +55,10 @@ def serve() -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=20,
     )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @main.command("migrate")

@@ -1,0 +1,415 @@
+"""One delivery of a work message: claim the task, run its handler, record the outcome.
+
+The order is what makes a redelivered message harmless:
+
+1. Claim, in one short transaction: skip a message already in the inbox, lock
+   the task, leave a terminal task alone, otherwise mark it IN_PROGRESS and
+   count the attempt. A task already IN_PROGRESS is claimed again: its
+   previous consumer died, and this delivery must finish it.
+2. Run the handler outside any transaction, so a long task holds no lock and
+   no connection.
+3. Record, in a second transaction: lock the task, insert the inbox row, and
+   only if that insert wins write the outcome, the recorder's rows and the
+   follow-up outbox message. Two deliveries of one message may both run the
+   handler, but only one of them commits an effect.
+
+The caller acknowledges the message only after :meth:`MessageProcessor.process`
+returns, i.e. after the commit; a crash in between means a redelivery, which
+step 1 or 3 recognises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import structlog
+from sqlalchemy import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from consumer import queries
+from consumer.cancellation import CancellationWatcher
+from consumer.errors import (
+    ConsumerError,
+    DatabaseUnavailableError,
+    HandlerTimeoutError,
+    RecorderFailedError,
+    UnprocessableMessageError,
+    is_transient_database_error,
+)
+from consumer.messages import (
+    TASK_COMPLETED,
+    TASK_FAILED,
+    Delivery,
+    TaskMessage,
+    decode_task_message,
+    lifecycle_event,
+    retry_message,
+)
+from outbox_relay.outbox import enqueue
+from service.errors import UnknownTaskTypeError
+from service.models import TERMINAL_STATUSES, TaskStatus
+from service.registry import (
+    HandlerRegistry,
+    NonRetryableTaskError,
+    TaskContext,
+    TaskType,
+)
+
+logger = structlog.get_logger(__name__)
+
+#: Longest error text stored on a task; handler messages can be arbitrarily long.
+MAX_ERROR_LENGTH = 2000
+
+
+class Outcome(enum.StrEnum):
+    """What one delivery did; every outcome is acknowledged."""
+
+    COMPLETED = "completed"
+    RETRY_SCHEDULED = "retry_scheduled"
+    FAILED = "failed"
+    #: The task was cancelled while this attempt ran; it stays CANCELLED.
+    CANCELLED = "cancelled"
+    #: The task was already terminal; the message changed nothing.
+    ALREADY_FINISHED = "already_finished"
+    #: Another delivery of this message already recorded its effect.
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class _Claim:
+    task_type: TaskType[Any]
+    payload: Any
+    context: TaskContext
+
+
+@dataclass(frozen=True)
+class _Succeeded:
+    result: Any
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
+def retry_delay(attempt: int, base: float, maximum: float) -> float:
+    """Seconds before retrying after failed attempt number ``attempt``.
+
+    Exponential back-off with full jitter: uniform between zero and
+    ``base * 2 ** (attempt - 1)``, capped at ``maximum``, so tasks that failed
+    together (a dependency was down) do not come back together.
+    """
+    # The exponent is bounded so that a huge attempt count cannot overflow.
+    ceiling = min(maximum, base * 2.0 ** min(max(attempt - 1, 0), 64))
+    return random.uniform(0, ceiling)
+
+
+def error_text(error: BaseException) -> str:
+    """The error as stored on the task: class name and message, truncated."""
+    message = str(error)
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if len(text) > MAX_ERROR_LENGTH:
+        text = text[: MAX_ERROR_LENGTH - 1] + "…"
+    return text
+
+
+class MessageProcessor:
+    """Processes deliveries of work messages; safe to call concurrently."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        registry: HandlerRegistry,
+        watcher: CancellationWatcher,
+        *,
+        retry_backoff_base: float,
+        retry_backoff_max: float,
+    ) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._watcher = watcher
+        self._retry_backoff_base = retry_backoff_base
+        self._retry_backoff_max = retry_backoff_max
+
+    async def process(self, delivery: Delivery) -> Outcome:
+        """Process one delivery; when this returns, its effect is committed.
+
+        Raises :class:`UnprocessableMessageError` for a message to
+        dead-letter and :class:`DatabaseUnavailableError` for one to requeue;
+        in both cases nothing was committed that a later delivery would not
+        recognise. Cancelling this coroutine (shutdown) cancels the handler;
+        whatever committed before that, a redelivery recognises too.
+        """
+        started = time.perf_counter()
+        message = decode_task_message(delivery)
+        structlog.contextvars.bind_contextvars(task_id=str(message.task_id))
+        self._task_type(message.type)
+
+        claimed = await self._claim(delivery, message)
+        if isinstance(claimed, _Claim):
+            result = await self._attempt(claimed)
+            outcome = await self._record(delivery, claimed, result)
+        else:
+            outcome = claimed
+            result = None
+
+        duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        if outcome is Outcome.DUPLICATE:
+            logger.info("message_duplicate", duration_ms=duration_ms)
+            return outcome
+
+        log = {
+            Outcome.FAILED: logger.error,
+            Outcome.RETRY_SCHEDULED: logger.warning,
+        }.get(outcome, logger.info)
+        log(
+            "task_processed",
+            outcome=outcome.value,
+            duration_ms=duration_ms,
+            attempt=claimed.context.attempt if isinstance(claimed, _Claim) else None,
+            error_type=(
+                type(result.error).__name__ if isinstance(result, _Raised) else None
+            ),
+        )
+        return outcome
+
+    def _task_type(self, name: str) -> TaskType[Any]:
+        try:
+            return self._registry.get(name)
+        except UnknownTaskTypeError as exc:
+            raise UnprocessableMessageError(f"unknown task type {name!r}") from exc
+
+    async def _claim(
+        self, delivery: Delivery, message: TaskMessage
+    ) -> _Claim | Outcome:
+        """Step 1: mark the task IN_PROGRESS and count the attempt."""
+        async with self._transaction() as conn:
+            seen = await conn.execute(
+                queries.INBOX_CONTAINS, {"message_id": delivery.message_id}
+            )
+            if seen.first() is not None:
+                return Outcome.DUPLICATE
+
+            task = await self._lock_task(conn, message.task_id)
+            if task["status"] in TERMINAL_STATUSES:
+                # The late message is consumed for good: recording it means a
+                # redelivery is recognised without even locking the task.
+                await self._record_inbox(conn, delivery)
+                return Outcome.ALREADY_FINISHED
+
+            # The row, not the message, decides which handler runs.
+            task_type = self._task_type(task["type"])
+            started = await conn.execute(
+                queries.START_ATTEMPT, {"task_id": message.task_id}
+            )
+            attempt: int = started.scalar_one()
+
+        context = TaskContext(
+            task_id=message.task_id,
+            task_type=task_type.name,
+            attempt=attempt,
+            max_attempts=task["max_attempts"],
+            cancelled=asyncio.Event(),
+        )
+        return _Claim(task_type=task_type, payload=task["payload"], context=context)
+
+    async def _attempt(self, claim: _Claim) -> _Succeeded | _Raised:
+        """Step 2: run the handler, watched for cancellation of its task."""
+        context = claim.context
+        handler = asyncio.create_task(
+            run_handler(claim.task_type, claim.payload, context),
+            name=f"handler:{context.task_id}",
+        )
+
+        with self._watcher.watch(context.task_id, context.cancelled, handler):
+            try:
+                value = await handler
+            except asyncio.CancelledError as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # Shutdown, not the task's cancellation: nothing is
+                    # recorded and the unacknowledged message is redelivered.
+                    raise
+                return _Raised(exc)
+            except Exception as exc:
+                return _Raised(exc)
+
+        try:
+            return _Succeeded(msgspec.to_builtins(value))
+        except TypeError as exc:
+            return _Raised(
+                NonRetryableTaskError(f"result is not JSON-serialisable: {exc}")
+            )
+
+    async def _record(
+        self, delivery: Delivery, claim: _Claim, result: _Succeeded | _Raised
+    ) -> Outcome:
+        """Step 3: commit the outcome exactly once per message."""
+        try:
+            return await self._record_once(delivery, claim, result)
+        except RecorderFailedError as exc:
+            cause = exc.__cause__ or exc
+            if is_transient_database_error(cause):
+                raise DatabaseUnavailableError(_describe(cause)) from cause
+
+            # The recorder belongs to the attempt: its failure is the
+            # attempt's failure, recorded (and retried) like a handler's.
+            return await self._record_once(delivery, claim, _Raised(cause))
+
+    async def _record_once(
+        self, delivery: Delivery, claim: _Claim, result: _Succeeded | _Raised
+    ) -> Outcome:
+        context = claim.context
+        headers = delivery.propagated_headers()
+
+        async with self._transaction() as conn:
+            task = await self._lock_task(conn, context.task_id)
+            if not await self._record_inbox(conn, delivery):
+                return Outcome.DUPLICATE
+
+            if task["status"] in TERMINAL_STATUSES:
+                # Cancelled meanwhile (the API wrote its event) or finished by
+                # another message: a late outcome never overwrites it.
+                if task["status"] == TaskStatus.CANCELLED:
+                    return Outcome.CANCELLED
+                return Outcome.ALREADY_FINISHED
+
+            attempts: int = task["attempts"]
+            if isinstance(result, _Succeeded):
+                await conn.execute(
+                    queries.COMPLETE_TASK,
+                    {"task_id": context.task_id, "result": result.result},
+                )
+                recorder = claim.task_type.recorder
+                if recorder is not None:
+                    try:
+                        await recorder(conn, context, result.result)
+                    except Exception as exc:
+                        raise RecorderFailedError(str(exc)) from exc
+                await enqueue(
+                    conn,
+                    lifecycle_event(
+                        TASK_COMPLETED,
+                        task_id=context.task_id,
+                        task_type=claim.task_type.name,
+                        status=TaskStatus.COMPLETED,
+                        attempts=attempts,
+                        headers=headers,
+                    ),
+                )
+                return Outcome.COMPLETED
+
+            error = error_text(result.error)
+            if (
+                isinstance(result.error, NonRetryableTaskError)
+                or attempts >= task["max_attempts"]
+            ):
+                await conn.execute(
+                    queries.FAIL_TASK, {"task_id": context.task_id, "error": error}
+                )
+                await enqueue(
+                    conn,
+                    lifecycle_event(
+                        TASK_FAILED,
+                        task_id=context.task_id,
+                        task_type=claim.task_type.name,
+                        status=TaskStatus.FAILED,
+                        attempts=attempts,
+                        headers=headers,
+                    ),
+                )
+                return Outcome.FAILED
+
+            delay = retry_delay(
+                attempts, self._retry_backoff_base, self._retry_backoff_max
+            )
+            await conn.execute(
+                queries.SCHEDULE_RETRY, {"task_id": context.task_id, "error": error}
+            )
+            await enqueue(
+                conn,
+                retry_message(
+                    task_id=context.task_id,
+                    task_type=claim.task_type.name,
+                    # The database's clock, like every other timestamp here.
+                    available_at=task["now"] + timedelta(seconds=delay),
+                    headers=headers,
+                ),
+            )
+            return Outcome.RETRY_SCHEDULED
+
+    async def _lock_task(self, conn: AsyncConnection, task_id: uuid.UUID) -> RowMapping:
+        result = await conn.execute(queries.LOCK_TASK, {"task_id": task_id})
+        task = result.mappings().first()
+        if task is None:
+            raise UnprocessableMessageError("task not found")
+        return task
+
+    async def _record_inbox(self, conn: AsyncConnection, delivery: Delivery) -> bool:
+        """Insert the inbox row; False when another delivery already did."""
+        result = await conn.execute(
+            queries.RECORD_INBOX,
+            {"message_id": delivery.message_id, "routing_key": delivery.routing_key},
+        )
+        return result.first() is not None
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction whose driver errors are translated once, here."""
+        try:
+            async with self._engine.begin() as conn:
+                yield conn
+        except ConsumerError:
+            raise
+        except Exception as exc:
+            if is_transient_database_error(exc):
+                raise DatabaseUnavailableError(_describe(exc)) from exc
+            raise
+
+
+async def run_handler(
+    task_type: TaskType[Any], payload: Any, context: TaskContext
+) -> Any:
+    """One attempt: decode the payload and await the handler within its timeout.
+
+    A payload the type no longer accepts raises ``NonRetryableTaskError``; an
+    attempt over the timeout raises ``HandlerTimeoutError``.
+    """
+    try:
+        decoded = task_type.decode(payload)
+    except msgspec.ValidationError as exc:
+        # The API validated the payload on submission, so the type's schema
+        # changed since; another attempt would fail the same way.
+        raise NonRetryableTaskError(
+            f"payload does not match task type {task_type.name!r}: {exc}"
+        ) from exc
+
+    if task_type.timeout is None:
+        return await task_type.handler(decoded, context)
+
+    deadline = asyncio.timeout(task_type.timeout)
+    try:
+        async with deadline:
+            return await task_type.handler(decoded, context)
+    except TimeoutError as exc:
+        if deadline.expired():
+            raise HandlerTimeoutError(
+                f"attempt exceeded {task_type.timeout} seconds"
+            ) from exc
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    # A driver error's own text, without the SQL statement SQLAlchemy appends.
+    orig = getattr(exc, "orig", None)
+    return error_text(orig if isinstance(orig, BaseException) else exc)

@@ -1,0 +1,60 @@
+"""Settings of the consumer process, read once at start-up (see outbox_relay.config)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from outbox_relay.config import mask_url
+from service.settings import DEFAULT_DATABASE_URL
+
+
+class ConsumerSettings(msgspec.Struct, kw_only=True):
+    #: PostgreSQL, as ``postgresql://user:password@host:port/database``.
+    database_url: str = DEFAULT_DATABASE_URL
+    #: RabbitMQ, as ``amqp://user:password@host:port/vhost``.
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: Start of every exchange and queue name, so deployments can share a broker.
+    amqp_prefix: str = "tasks"
+    #: Unacknowledged messages the broker hands this process at once; also how
+    #: many tasks it runs concurrently.
+    consumer_prefetch: int = 32
+    #: Deliveries of one message before the broker dead-letters it (the work
+    #: queue's ``x-delivery-limit``); must match across consumers.
+    consumer_delivery_limit: int = 5
+    #: Cap of the lifecycle-event queue; the oldest events are dropped beyond it.
+    task_events_max_length: int = 100_000
+    #: Comma-separated modules that register extra task handlers on import.
+    task_handler_modules: str = ""
+    #: Seconds between checks whether a running task was cancelled.
+    consumer_cancel_poll_interval: float = 1.0
+    #: Seconds running tasks get to finish after SIGTERM before they are
+    #: cancelled and their messages left for redelivery.
+    consumer_shutdown_grace_seconds: float = 30.0
+    #: First retry delay; each further attempt doubles it (with full jitter).
+    retry_backoff_base_seconds: float = 2.0
+    #: Upper bound of a retry delay, before jitter.
+    retry_backoff_max_seconds: float = 300.0
+    #: Threshold of the process's log output (DEBUG, INFO, WARNING, ...).
+    log_level: str = "INFO"
+    #: JSON log lines; unset means JSON unless standard error is a terminal.
+    log_json: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.consumer_prefetch < 1:
+            raise ValueError("consumer_prefetch must be at least 1")
+        if self.consumer_delivery_limit < 1:
+            raise ValueError("consumer_delivery_limit must be at least 1")
+        if self.consumer_cancel_poll_interval <= 0:
+            raise ValueError("consumer_cancel_poll_interval must be positive")
+        if self.consumer_shutdown_grace_seconds < 0:
+            raise ValueError("consumer_shutdown_grace_seconds must not be negative")
+        if self.retry_backoff_base_seconds < 0 or self.retry_backoff_max_seconds < 0:
+            raise ValueError("retry back-off seconds must not be negative")
+
+    def __repr__(self) -> str:
+        return (
+            f"ConsumerSettings(database_url={mask_url(self.database_url)!r}, "
+            f"amqp_url={mask_url(self.amqp_url)!r}, "
+            f"amqp_prefix={self.amqp_prefix!r}, "
+            f"consumer_prefetch={self.consumer_prefetch})"
+        )

@@ -1,0 +1,157 @@
+"""``python -m outbox_relay``: run the relay, or show the outbox lag.
+
+Settings come from the environment and a ``.env`` file in the working
+directory (see :class:`outbox_relay.settings.RelaySettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+import msgspec
+import structlog
+from dotenv import load_dotenv
+
+from outbox_relay.config import load_settings
+from outbox_relay.errors import RelayError, SettingsError
+from outbox_relay.health import serve_health
+from outbox_relay.logs import configure_logging
+from outbox_relay.relay import OutboxRelay
+from outbox_relay.settings import RelaySettings
+from outbox_relay.store import OutboxLag, read_lag
+
+log = structlog.get_logger(__name__)
+
+
+def _settings() -> RelaySettings:
+    load_dotenv()
+    try:
+        return load_settings(RelaySettings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Publish outbox rows to RabbitMQ; without a command, run the relay."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
+@main.command()
+def run() -> None:
+    """Run the relay until SIGTERM or SIGINT, then drain and exit 0."""
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_json)
+    # The relay reports a lost broker once, as outbox_dependency_down, and its
+    # return as outbox_dependency_up; these two would add a line per attempt.
+    for chatty in ("aiormq.connection", "aio_pika.robust_connection"):
+        logging.getLogger(chatty).setLevel(logging.CRITICAL)
+    log.info("outbox_relay_configured", settings=repr(settings))
+
+    try:
+        asyncio.run(_serve(settings))
+    except Exception:
+        log.exception("outbox_relay_crashed")
+        sys.exit(1)
+
+
+async def _serve(settings: RelaySettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def request_stop(signum: signal.Signals) -> None:
+        log.info("outbox_relay_stopping", signal=signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+
+    relay = OutboxRelay(settings)
+    health = asyncio.create_task(
+        serve_health(
+            "outbox_relay",
+            settings.relay_health_host,
+            settings.relay_health_port,
+            lambda: relay.is_ready,
+            stop,
+        ),
+        name="outbox-relay-health",
+    )
+    # A health server that dies takes the relay down with it: an orchestrator
+    # that cannot probe the relay would restart it anyway.
+    health.add_done_callback(lambda _task: stop.set())
+    try:
+        await relay.run(stop)
+    finally:
+        stop.set()
+        await health
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(as_json: bool) -> None:
+    """Show unpublished rows per routing key, parked rows and recent throughput."""
+    settings = _settings()
+    try:
+        lag = asyncio.run(read_lag(settings.database_url))
+    except RelayError as exc:
+        raise click.ClickException(f"cannot read the outbox: {exc}") from exc
+
+    if as_json:
+        click.echo(msgspec.json.encode(lag).decode())
+    else:
+        click.echo(_lag_table(lag))
+
+
+def _lag_table(lag: OutboxLag) -> str:
+    header = ("routing key", "pending", "due", "oldest")
+    rows = [
+        (
+            key.routing_key,
+            str(key.pending),
+            str(key.due),
+            _format_age(key.oldest_age_seconds),
+        )
+        for key in lag.routing_keys
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+    def line(cells: tuple[str, str, str, str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (
+            cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)
+        )
+        return "  ".join([first, *rest])
+
+    lines = [line(header), *(line(row) for row in rows)]
+    if not rows:
+        lines.append("(nothing pending)")
+    lines.append("")
+    lines.append(
+        f"pending {lag.pending}, dead {lag.dead}, "
+        f"published in the last minute {lag.published_last_minute}"
+    )
+    return "\n".join(lines)
+
+
+def _format_age(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{seconds:.1f}s"
+
+
+if __name__ == "__main__":
+    main()

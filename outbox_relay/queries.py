@@ -1,0 +1,150 @@
+"""Every SQL statement the relay runs, named and described in one place.
+
+The relay never holds a transaction open while it talks to the broker: a batch
+is claimed in one short statement, published, and then settled in one or two
+more. Ownership of a claimed row is a lease written into the row itself
+(``available_at`` pushed into the future, ``claimed_by`` set), so a relay that
+dies mid-batch only delays its rows by the lease, and two relays never claim
+the same due row at the same time.
+
+Parameters are positional (asyncpg's ``$n``); each constant says what it
+expects and returns.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One row as :data:`CLAIM_BATCH` returns it, ready to publish.
+
+    ``body`` and ``headers`` are the stored JSON as text, so the body reaches
+    the broker byte for byte as PostgreSQL renders it.
+    """
+
+    id: int
+    routing_key: str
+    body: str
+    headers: str
+    correlation_id: str | None
+    created_at: datetime
+    attempts: int
+
+
+#: Claim up to ``$3`` due rows for relay ``$2`` for ``$1`` seconds; returns
+#: them in id order, which is the order they were written in.
+#:
+#: ``FOR UPDATE SKIP LOCKED`` lets concurrent relays each take different rows
+#: without waiting on one another. The lease is the pushed-forward
+#: ``available_at``: once this statement commits (at once, it runs on its own)
+#: the rows are invisible to every claim until the lease runs out, so no
+#: transaction stays open while the broker confirms. The inner query reads
+#: only ``ix_outbox_pending``, whose entries are the unpublished, live rows in
+#: the order they fall due.
+CLAIM_BATCH = """
+WITH claimed AS (
+    UPDATE outbox
+       SET available_at = now() + make_interval(secs => $1::float8),
+           claimed_by = $2::text
+     WHERE id IN (
+            SELECT id
+              FROM outbox
+             WHERE published_at IS NULL
+               AND dead_at IS NULL
+               AND available_at <= now()
+             ORDER BY available_at, id
+             LIMIT $3::int
+               FOR UPDATE SKIP LOCKED
+           )
+    RETURNING id, routing_key, body::text AS body, headers::text AS headers,
+              correlation_id, created_at, attempts
+)
+SELECT * FROM claimed ORDER BY id
+"""
+
+#: Record that the broker confirmed rows ``$1`` (an array of ids).
+#:
+#: One statement for the whole batch: the task trigger on ``outbox`` runs once
+#: per statement and moves every announced task from NEW to PENDING in one go.
+#: The lease holder is not checked: if this relay's lease ran out and another
+#: relay published the row too, the row is published either way and the
+#: ``published_at IS NULL`` guard keeps the first time.
+MARK_PUBLISHED = """
+UPDATE outbox
+   SET published_at = now(),
+       claimed_by = NULL
+ WHERE id = ANY($1::bigint[])
+   AND published_at IS NULL
+"""
+
+#: Count one failed attempt for each row in ``$1`` with error ``$2[i]`` and
+#: retry it ``$3[i]`` seconds from now; a row reaching ``$5`` attempts is
+#: parked (``dead_at`` set) instead. Only rows relay ``$4`` still holds are
+#: touched, so a relay whose lease expired cannot push back another relay's
+#: claim. Returns each updated row with its new attempt count and whether it
+#: was parked.
+MARK_FAILED = """
+UPDATE outbox AS o
+   SET attempts = o.attempts + 1,
+       last_error = f.error,
+       available_at = now() + make_interval(secs => f.delay),
+       dead_at = CASE WHEN o.attempts + 1 >= $5::int THEN now() END,
+       claimed_by = NULL
+  FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, error, delay)
+ WHERE o.id = f.id
+   AND o.published_at IS NULL
+   AND o.claimed_by = $4::text
+RETURNING o.id, o.routing_key, o.attempts, o.dead_at IS NOT NULL AS dead
+"""
+
+#: Hand rows ``$1`` held by relay ``$2`` back at once, without counting an
+#: attempt: the broker connection broke, which is no fault of the messages.
+RELEASE = """
+UPDATE outbox
+   SET available_at = now(),
+       claimed_by = NULL
+ WHERE id = ANY($1::bigint[])
+   AND published_at IS NULL
+   AND claimed_by = $2::text
+"""
+
+#: Seconds until the earliest unpublished, live row falls due (negative when
+#: one is already due); NULL when there is none. The relay sleeps no longer
+#: than this, so scheduled rows and retries go out on time without polling
+#: faster. Leased rows count too: their lease end is when they are due again.
+NEXT_AVAILABLE_AT = """
+SELECT extract(epoch FROM min(available_at) - now())::float8 AS seconds_until
+  FROM outbox
+ WHERE published_at IS NULL
+   AND dead_at IS NULL
+"""
+
+#: The backlog per routing key for ``python -m outbox_relay status``: rows not
+#: yet published, how many of them are due now, and the age of the oldest.
+LAG_BY_ROUTING_KEY = """
+SELECT routing_key,
+       count(*) AS pending,
+       count(*) FILTER (WHERE available_at <= now()) AS due,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
+  FROM outbox
+ WHERE published_at IS NULL
+   AND dead_at IS NULL
+ GROUP BY routing_key
+ ORDER BY routing_key
+"""
+
+#: Parked rows and rows published in the last minute, each counted through its
+#: own partial index rather than by scanning every published row.
+LAG_TOTALS = """
+SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL) AS dead,
+       (SELECT count(*)
+          FROM outbox
+         WHERE published_at > now() - interval '1 minute') AS published_last_minute
+"""
+
+#: A round trip on the LISTEN connection, to find a connection that died
+#: without the socket noticing (a network partition rather than a reset).
+PING = "SELECT 1"
