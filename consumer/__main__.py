@@ -12,12 +12,12 @@ import signal
 import sys
 
 import structlog
-from dotenv import load_dotenv
 
 from consumer.consumer import TaskConsumer
 from consumer.settings import ConsumerSettings
-from outbox_relay.config import load_settings
+from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.errors import SettingsError
+from outbox_relay.health import serve_health
 from outbox_relay.logs import configure_logging
 from service.registry import HandlerRegistry, load_registry
 
@@ -30,11 +30,29 @@ async def _serve(settings: ConsumerSettings, registry: HandlerRegistry) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    await TaskConsumer(settings, registry).run(stop)
+    consumer = TaskConsumer(settings, registry)
+    health = asyncio.create_task(
+        serve_health(
+            "consumer",
+            settings.consumer_health_host,
+            settings.consumer_health_port,
+            consumer.ready.is_set,
+            stop,
+        ),
+        name="consumer-health",
+    )
+    # A health server that dies takes the consumer down with it: an
+    # orchestrator that cannot probe the consumer would restart it anyway.
+    health.add_done_callback(lambda _task: stop.set())
+    try:
+        await consumer.run(stop)
+    finally:
+        stop.set()
+        await health
 
 
 def main() -> int:
-    load_dotenv()
+    load_env_file()
     try:
         settings = load_settings(ConsumerSettings)
     except SettingsError as exc:

@@ -34,6 +34,11 @@ class ConsumerSettings(msgspec.Struct, kw_only=True):
     retry_backoff_base_seconds: float = 2.0
     #: Upper bound of a retry delay, before jitter.
     retry_backoff_max_seconds: float = 300.0
+    #: Interface of the health and metrics server (/health/live, /health/ready,
+    #: /metrics).
+    consumer_health_host: str = "127.0.0.1"
+    #: Port of that server; 0 (the default) runs none.
+    consumer_health_port: int = 0
     #: Threshold of the process's log output (DEBUG, INFO, WARNING, ...).
     log_level: str = "INFO"
     #: JSON log lines; unset means JSON unless standard error is a terminal.

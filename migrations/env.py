@@ -6,13 +6,12 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
-from dotenv import load_dotenv
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import consumer.models  # noqa: F401  (registers the inbox table)
-from outbox_relay.config import load_settings, sqlalchemy_url
+from outbox_relay.config import load_env_file, load_settings, sqlalchemy_url
 from outbox_relay.schema import metadata
 from service.settings import DatabaseSettings
 
@@ -28,7 +27,7 @@ def _database_url() -> str:
     explicit = config.attributes.get("database_url")
     if explicit:
         return str(explicit)
-    load_dotenv()
+    load_env_file()
     return load_settings(DatabaseSettings).database_url
 
 

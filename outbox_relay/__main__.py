@@ -14,9 +14,8 @@ import sys
 import click
 import msgspec
 import structlog
-from dotenv import load_dotenv
 
-from outbox_relay.config import load_settings
+from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.errors import RelayError, SettingsError
 from outbox_relay.health import serve_health
 from outbox_relay.logs import configure_logging
@@ -28,7 +27,7 @@ log = structlog.get_logger(__name__)
 
 
 def _settings() -> RelaySettings:
-    load_dotenv()
+    load_env_file()
     try:
         return load_settings(RelaySettings)
     except SettingsError as exc:

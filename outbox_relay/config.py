@@ -15,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+from dotenv import load_dotenv
 
 from outbox_relay.errors import SettingsError
 
@@ -51,6 +52,14 @@ def load_settings(
         return msgspec.convert(raw, settings_type, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid setting: {exc}") from exc
+
+
+def load_env_file() -> None:
+    """Read ``.env`` from the working directory, if there is one.
+
+    Variables already set in the environment win over the file.
+    """
+    load_dotenv(Path.cwd() / ".env", override=False)
 
 
 def mask_url(url: str) -> str:

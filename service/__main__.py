@@ -9,9 +9,8 @@ from types import FrameType
 import click
 import structlog
 import uvicorn
-from dotenv import load_dotenv
 
-from outbox_relay.config import load_settings
+from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.logs import configure_logging
 from service.app import create_app
 from service.migrate import create_database_if_missing, upgrade_to_head
@@ -27,7 +26,7 @@ def main(ctx: click.Context) -> None:
 
 
 def _settings() -> ServiceSettings:
-    load_dotenv()
+    load_env_file()
     settings = load_settings(ServiceSettings)
     configure_logging(settings.log_level, settings.log_json)
     return settings

@@ -87,5 +87,8 @@ def create_app(
             path="/schema",
             render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
         ),
+        # Logging is configured once by the entry point (structlog); Litestar
+        # must not replace the root handler with its own.
+        logging_config=None,
         debug=False,
     )

@@ -15,7 +15,7 @@ import pytest
 from service.handlers import checksum_of
 from tests.conftest import AMQP_URL
 from tests.support.processes import ProcessGroup
-from tests.support.proxy import TcpProxy
+from tests.support.proxy import TcpProxy, free_port
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -281,3 +281,26 @@ async def test_bad_input_over_real_http_is_a_4xx_problem(
     for response in responses:
         assert response.headers["content-type"].startswith("application/problem+json")
     assert await db.fetchval("SELECT count(*) FROM tasks") == 0
+
+
+async def test_workers_serve_health_and_metrics(processes: ProcessGroup) -> None:
+    relay_port, consumer_port = free_port(), free_port()
+    processes.start("relay", RELAY_HEALTH_PORT=str(relay_port))
+    processes.start("consumer", CONSUMER_HEALTH_PORT=str(consumer_port))
+
+    async with httpx.AsyncClient(timeout=5) as client:
+        for port in (relay_port, consumer_port):
+            url = f"http://127.0.0.1:{port}"
+
+            async def ready(url: str = url) -> bool:
+                try:
+                    response = await client.get(f"{url}/health/ready")
+                except httpx.TransportError:
+                    return False
+                return response.status_code == 200
+
+            await eventually(ready, 30, f"readiness on {url}")
+            assert (await client.get(f"{url}/health/live")).status_code == 200
+            metrics = await client.get(f"{url}/metrics")
+            assert metrics.status_code == 200
+            assert "python_info" in metrics.text

@@ -41,7 +41,8 @@ class ProcessGroup:
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", MODULES[kind]],
-            cwd=ROOT,
+            # Run outside the checkout so a developer's .env cannot leak in.
+            cwd=self.log_dir,
             env={**self.env, **extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -117,6 +118,7 @@ def base_env(
         TASK_HANDLER_MODULES="tests.handlers",
         LOG_JSON="true",
         PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT),
         RELAY_POLL_INTERVAL="0.5",
         RETRY_BACKOFF_BASE_SECONDS="0.05",
         RETRY_BACKOFF_MAX_SECONDS="0.5",
