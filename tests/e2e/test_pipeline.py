@@ -72,7 +72,7 @@ async def test_300_tasks_complete_once_each(
 
     rng = random.Random(2)
     bodies = [random_task(rng, i) for i in range(300)]
-    async with httpx.AsyncClient(base_url=processes.api_url, timeout=30) as client:
+    async with processes.api_client() as client:
         semaphore = asyncio.Semaphore(16)
 
         async def one(body: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +115,7 @@ async def test_api_accepts_while_broker_is_unreachable(
         processes.start("relay", AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
         await processes.wait_ready()
 
-        async with httpx.AsyncClient(base_url=processes.api_url, timeout=30) as client:
+        async with processes.api_client() as client:
             for i in range(20):
                 await submit(client, {"title": f"t{i}", "payload": {"text": str(i)}})
         await asyncio.sleep(2)
@@ -140,7 +140,7 @@ async def test_a_message_delivered_twice_changes_nothing_the_second_time(
     for name in ("api", "consumer", "relay"):
         processes.start(name)
     await processes.wait_ready()
-    async with httpx.AsyncClient(base_url=processes.api_url, timeout=30) as client:
+    async with processes.api_client() as client:
         task = await submit(client, {"title": "once", "payload": {"text": "x"}})
     await eventually(lambda: all_terminal(db, 1), 60, "the task to complete")
     before = await db.fetchrow("SELECT * FROM tasks")
@@ -190,7 +190,7 @@ async def test_unroutable_rows_are_not_marked_published(
     processes.start("api")
     processes.start("relay", RELAY_RETRY_BASE_SECONDS="0.2")
     await processes.wait_ready()
-    async with httpx.AsyncClient(base_url=processes.api_url, timeout=30) as client:
+    async with processes.api_client() as client:
         await submit(client, {"title": "nobody listens"})
 
     async def retried() -> bool:
@@ -216,7 +216,7 @@ async def test_a_cancelled_pending_task_never_runs(
     for name in ("api", "consumer", "relay"):
         processes.start(name)
     await processes.wait_ready()
-    async with httpx.AsyncClient(base_url=processes.api_url, timeout=30) as client:
+    async with processes.api_client() as client:
         first = await submit(client, {"title": "warm-up"})
         await eventually(lambda: all_terminal(db, 1), 60, "the warm-up task")
         assert processes.stop("consumer") == 0
@@ -261,7 +261,7 @@ async def test_bad_input_over_real_http_is_a_4xx_problem(
 ) -> None:
     processes.start("api")
     await processes.wait_ready()
-    async with httpx.AsyncClient(base_url=processes.api_url, timeout=30) as client:
+    async with processes.api_client() as client:
         responses = [
             await client.post(
                 "/api/v1/tasks",

@@ -27,12 +27,20 @@ class ProcessGroup:
     env: dict[str, str]
     log_dir: Path
     api_port: int
+    #: Sent with every request of ``api_client()``.
+    api_headers: dict[str, str] = field(default_factory=dict)
     running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _starts: dict[str, int] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    def api_client(self) -> httpx.AsyncClient:
+        """An HTTP client for the running API, with the test's credentials."""
+        return httpx.AsyncClient(
+            base_url=self.api_url, headers=self.api_headers, timeout=30
+        )
 
     def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
         """Start ``name`` (api, relay or consumer, or e.g. consumer-2)."""
