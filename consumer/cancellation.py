@@ -21,6 +21,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumer import queries
+from consumer.errors import is_transient_database_error
+from consumer.outage import DatabaseOutage
 
 logger = structlog.get_logger(__name__)
 
@@ -35,9 +37,15 @@ class _Watched:
 class CancellationWatcher:
     """Cancels running handlers whose task became CANCELLED in the database."""
 
-    def __init__(self, engine: AsyncEngine, interval: float) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        interval: float,
+        outage: DatabaseOutage | None = None,
+    ) -> None:
         self._engine = engine
         self._interval = interval
+        self._outage = outage
         self._watched: dict[int, _Watched] = {}
         # Keys are per run, not per task id: two deliveries of one task may
         # run at once and each must be cancelled.
@@ -66,8 +74,15 @@ class CancellationWatcher:
                 await self.check()
             except Exception as exc:
                 # Missing one poll only delays a cancellation; the task is
-                # still recorded as CANCELLED when its attempt ends.
-                logger.warning("cancel_watch_failed", error=repr(exc))
+                # still recorded as CANCELLED when its attempt ends. An outage
+                # is reported once, not once per poll.
+                if self._outage is not None and is_transient_database_error(exc):
+                    self._outage.down(exc)
+                else:
+                    logger.warning("cancel_watch_failed", error=repr(exc))
+            else:
+                if self._outage is not None:
+                    self._outage.up()
 
     async def check(self) -> None:
         """Look once for cancelled tasks among the running ones."""

@@ -5,10 +5,17 @@ A message is settled only after :class:`~consumer.processing.MessageProcessor`
 returned, that is after its outcome committed:
 
 * processed (any outcome) → ``ack``;
-* unprocessable → ``reject`` without requeue, so the broker dead-letters it;
-* database trouble → ``nack`` with requeue after a back-off that grows with
-  the broker's delivery count. Each requeue counts towards the queue's
-  delivery limit, after which the broker dead-letters the message too.
+* unprocessable → a copy with its reason goes to the dead-letter exchange
+  (confirmed), then ``ack`` (see :mod:`consumer.dead_letters`);
+* database unreachable → nothing: the processor waits the outage out with
+  the message un-acked (see :mod:`consumer.outage`), and if shutdown comes
+  first the message is left for the broker to redeliver;
+* an unexpected error (a bug) → ``nack`` with requeue after a back-off that
+  grows with the broker's delivery count. Each requeue counts towards the
+  queue's delivery limit, after which the broker dead-letters the message.
+
+Alongside the deliveries run the cancellation watcher and the stuck-task
+sweeper (see :mod:`consumer.sweeper`).
 
 A delivery whose channel has closed (the robust connection reconnected in
 between) is never settled on the new channel, where its delivery tag would
@@ -31,21 +38,24 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from consumer.cancellation import CancellationWatcher
+from consumer.dead_letters import DeadLetterError, DeadLetterPublisher
 from consumer.errors import (
     ConsumerError,
     DatabaseUnavailableError,
     UnprocessableMessageError,
 )
 from consumer.messages import Delivery
+from consumer.outage import DatabaseOutage
 from consumer.processing import MessageProcessor
 from consumer.settings import ConsumerSettings
+from consumer.sweeper import StuckTaskSweeper
 from consumer.topology import TopologyNames, declare_topology
 from outbox_relay.config import sqlalchemy_url
 from service.registry import HandlerRegistry
 
 logger = structlog.get_logger(__name__)
 
-#: First and longest wait before a message is requeued after database trouble.
+#: First and longest wait before a message is requeued after an unexpected error.
 REQUEUE_DELAY_BASE_SECONDS = 0.5
 REQUEUE_DELAY_MAX_SECONDS = 30.0
 #: Longest wait between attempts to reach the broker at start-up.
@@ -73,8 +83,15 @@ class TaskConsumer:
         #: Set when shutdown begins, however it began; cuts requeue waits short.
         self._stopping = asyncio.Event()
         self._processor: MessageProcessor | None = None
+        self._dead_letters: DeadLetterPublisher | None = None
+        self._outage = DatabaseOutage(self._stopping)
         #: Set when the consumer is subscribed and processing messages.
         self.ready = asyncio.Event()
+
+    @property
+    def is_ready(self) -> bool:
+        """Subscribed, and the database answered last time it was asked."""
+        return self.ready.is_set() and not self._outage.is_down
 
     @property
     def in_flight(self) -> int:
@@ -148,20 +165,36 @@ class TaskConsumer:
             task_events_max_length=self._settings.task_events_max_length,
         )
 
+        self._dead_letters = await DeadLetterPublisher.open(
+            connection, self._names.dead_letter_exchange
+        )
+
+        settings = self._settings
         watcher = CancellationWatcher(
-            engine, self._settings.consumer_cancel_poll_interval
+            engine, settings.consumer_cancel_poll_interval, self._outage
         )
         self._processor = MessageProcessor(
             engine,
             self._registry,
             watcher,
-            retry_backoff_base=self._settings.retry_backoff_base_seconds,
-            retry_backoff_max=self._settings.retry_backoff_max_seconds,
+            retry_backoff_base=settings.retry_backoff_base_seconds,
+            retry_backoff_max=settings.retry_backoff_max_seconds,
+            outage=self._outage,
+            time_limit=settings.task_time_limit_seconds,
+        )
+        sweeper = StuckTaskSweeper(
+            engine,
+            self._registry,
+            self._outage,
+            default_limit=settings.task_time_limit_seconds,
+            grace=settings.task_time_limit_grace_seconds,
+            interval=settings.task_sweep_interval_seconds,
         )
         watcher_task = asyncio.create_task(
             watcher.run(), name="consumer-cancel-watcher"
         )
         stop_task = asyncio.create_task(self._stop.wait(), name="consumer-stop")
+        sweeper.start()
         try:
             self._accepting = True
             consumer_tag = await topology.tasks.consume(self._on_message)
@@ -191,6 +224,8 @@ class TaskConsumer:
             await self._drain()
         finally:
             self._accepting = False
+            self._stopping.set()
+            await sweeper.stop()
             stop_task.cancel()
             watcher_task.cancel()
             await asyncio.wait({stop_task, watcher_task})
@@ -229,15 +264,13 @@ class TaskConsumer:
         try:
             await self._processor.process(delivery)
         except UnprocessableMessageError as exc:
-            logger.error(
-                "message_dead_lettered",
-                reason=exc.reason,
-                routing_key=delivery.routing_key,
-            )
-            await self._settle(message, "reject")
+            await self._dead_letter(message, delivery, exc.reason)
             return
         except DatabaseUnavailableError as exc:
-            await self._requeue_later(message, delivery, str(exc))
+            # Only raised once shutdown began during an outage: the message
+            # goes back to the queue when the connection closes, with nothing
+            # of it committed.
+            logger.info("message_left_for_redelivery", error=str(exc))
             return
         except Exception:
             # A bug or a statement the database refused: requeued like
@@ -246,6 +279,42 @@ class TaskConsumer:
             await self._requeue_later(message, delivery, "processing failed")
             return
 
+        await self._settle(message, "ack")
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, delivery: Delivery, reason: str
+    ) -> None:
+        """Dead-letter with the reason attached; ack only once that is confirmed.
+
+        If the copy cannot be published, the broker dead-letters the message
+        instead (``reject``), without the reason but with its ``x-death``.
+        """
+        assert self._dead_letters is not None
+        if not _channel_open(message):
+            # Its channel is gone, so the message is back in the queue and
+            # another delivery will dead-letter it.
+            logger.warning("message_settle_skipped", action="dead-letter")
+            return
+
+        try:
+            await self._dead_letters.publish(message, delivery.routing_key, reason)
+        except DeadLetterError as exc:
+            logger.error(
+                "message_dead_lettered",
+                reason=reason,
+                routing_key=delivery.routing_key,
+                by="broker",
+                publish_error=str(exc),
+            )
+            await self._settle(message, "reject")
+            return
+
+        logger.error(
+            "message_dead_lettered",
+            reason=reason,
+            routing_key=delivery.routing_key,
+            by="consumer",
+        )
         await self._settle(message, "ack")
 
     async def _requeue_later(

@@ -5,9 +5,12 @@ The order is what makes a redelivered message harmless:
 1. Claim, in one short transaction: skip a message already in the inbox, lock
    the task, leave a terminal task alone, otherwise mark it IN_PROGRESS and
    count the attempt. A task already IN_PROGRESS is claimed again: its
-   previous consumer died, and this delivery must finish it.
+   previous consumer died, and this delivery must finish it. If that
+   interrupted attempt was the task's last, the task fails instead: a handler
+   that kills its process cannot loop for more than ``max_attempts`` runs.
 2. Run the handler outside any transaction, so a long task holds no lock and
-   no connection.
+   no connection. An attempt cut short by shutdown is handed back (PENDING,
+   the attempt uncounted) before the message is left for redelivery.
 3. Record, in a second transaction: lock the task, insert the inbox row, and
    only if that insert wins write the outcome, the recorder's rows and the
    follow-up outbox message. Two deliveries of one message may both run the
@@ -15,7 +18,9 @@ The order is what makes a redelivered message harmless:
 
 The caller acknowledges the message only after :meth:`MessageProcessor.process`
 returns, i.e. after the commit; a crash in between means a redelivery, which
-step 1 or 3 recognises.
+step 1 or 3 recognises. A transaction that fails because the database is
+unreachable is retried on its own (see :mod:`consumer.outage`): the handler is
+not run again because recording its outcome had to wait.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from consumer.messages import (
     lifecycle_event,
     retry_message,
 )
+from consumer.outage import DatabaseOutage
 from outbox_relay.outbox import enqueue
 from service.errors import UnknownTaskTypeError
 from service.models import TERMINAL_STATUSES, TaskStatus
@@ -69,6 +75,10 @@ logger = structlog.get_logger(__name__)
 
 #: Longest error text stored on a task; handler messages can be arbitrarily long.
 MAX_ERROR_LENGTH = 2000
+
+#: How long shutdown waits to hand an interrupted attempt back; if the
+#: database does not answer by then the redelivery claims the task anyway.
+RELEASE_TIMEOUT_SECONDS = 2.0
 
 
 class Outcome(enum.StrEnum):
@@ -134,31 +144,40 @@ class MessageProcessor:
         *,
         retry_backoff_base: float,
         retry_backoff_max: float,
+        outage: DatabaseOutage | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self._engine = engine
         self._registry = registry
         self._watcher = watcher
         self._retry_backoff_base = retry_backoff_base
         self._retry_backoff_max = retry_backoff_max
+        self._outage = outage or DatabaseOutage(asyncio.Event())
+        #: Seconds an attempt of a type without its own timeout may run.
+        self._time_limit = time_limit
 
     async def process(self, delivery: Delivery) -> Outcome:
         """Process one delivery; when this returns, its effect is committed.
 
         Raises :class:`UnprocessableMessageError` for a message to
-        dead-letter and :class:`DatabaseUnavailableError` for one to requeue;
-        in both cases nothing was committed that a later delivery would not
-        recognise. Cancelling this coroutine (shutdown) cancels the handler;
-        whatever committed before that, a redelivery recognises too.
+        dead-letter. A database outage is waited out; only when shutdown
+        begins during one does :class:`DatabaseUnavailableError` propagate,
+        for a message to leave unsettled. In both cases nothing was committed
+        that a later delivery would not recognise. Cancelling this coroutine
+        (shutdown) cancels the handler and hands the attempt back; whatever
+        committed before that, a redelivery recognises too.
         """
         started = time.perf_counter()
         message = decode_task_message(delivery)
         structlog.contextvars.bind_contextvars(task_id=str(message.task_id))
         self._task_type(message.type)
 
-        claimed = await self._claim(delivery, message)
+        claimed = await self._outage.retry(lambda: self._claim(delivery, message))
         if isinstance(claimed, _Claim):
             result = await self._attempt(claimed)
-            outcome = await self._record(delivery, claimed, result)
+            outcome = await self._outage.retry(
+                lambda: self._record(delivery, claimed, result)
+            )
         else:
             outcome = claimed
             result = None
@@ -207,6 +226,13 @@ class MessageProcessor:
                 await self._record_inbox(conn, delivery)
                 return Outcome.ALREADY_FINISHED
 
+            if (
+                task["status"] == TaskStatus.IN_PROGRESS
+                and task["attempts"] >= task["max_attempts"]
+            ):
+                await self._fail_interrupted(conn, delivery, task)
+                return Outcome.FAILED
+
             # The row, not the message, decides which handler runs.
             task_type = self._task_type(task["type"])
             started = await conn.execute(
@@ -223,11 +249,45 @@ class MessageProcessor:
         )
         return _Claim(task_type=task_type, payload=task["payload"], context=context)
 
+    async def _fail_interrupted(
+        self, conn: AsyncConnection, delivery: Delivery, task: RowMapping
+    ) -> None:
+        """Fail a task whose last attempt started and never recorded an outcome.
+
+        Its consumer died during the attempt (a handler that kills its process
+        does so on every delivery), so running it again is not allowed.
+        """
+        attempts: int = task["attempts"]
+        await self._record_inbox(conn, delivery)
+        await conn.execute(
+            queries.FAIL_TASK,
+            {
+                "task_id": task["id"],
+                "error": (
+                    f"attempt {attempts} of {task['max_attempts']} was interrupted"
+                    " before it finished (its consumer stopped)"
+                ),
+            },
+        )
+        await enqueue(
+            conn,
+            lifecycle_event(
+                TASK_FAILED,
+                task_id=task["id"],
+                task_type=task["type"],
+                status=TaskStatus.FAILED,
+                attempts=attempts,
+                headers=delivery.propagated_headers(),
+            ),
+        )
+
     async def _attempt(self, claim: _Claim) -> _Succeeded | _Raised:
         """Step 2: run the handler, watched for cancellation of its task."""
         context = claim.context
         handler = asyncio.create_task(
-            run_handler(claim.task_type, claim.payload, context),
+            run_handler(
+                claim.task_type, claim.payload, context, time_limit=self._time_limit
+            ),
             name=f"handler:{context.task_id}",
         )
 
@@ -239,6 +299,7 @@ class MessageProcessor:
                 if current is not None and current.cancelling():
                     # Shutdown, not the task's cancellation: nothing is
                     # recorded and the unacknowledged message is redelivered.
+                    await self._release(context)
                     raise
                 return _Raised(exc)
             except Exception as exc:
@@ -250,6 +311,26 @@ class MessageProcessor:
             return _Raised(
                 NonRetryableTaskError(f"result is not JSON-serialisable: {exc}")
             )
+
+    async def _release(self, context: TaskContext) -> None:
+        """Hand an attempt cut short by shutdown back, uncounted; best effort.
+
+        Only this attempt's claim is undone: if another delivery claimed the
+        task since, the attempt number no longer matches and nothing changes.
+        """
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                async with self._transaction() as conn:
+                    await conn.execute(
+                        queries.RELEASE_ATTEMPT,
+                        {"task_id": context.task_id, "attempt": context.attempt},
+                    )
+        except Exception as exc:
+            # The redelivery claims the task all the same; only the attempt
+            # stays counted.
+            logger.warning("task_release_failed", error=error_text(exc))
+        else:
+            logger.info("task_released", attempt=context.attempt)
 
     async def _record(
         self, delivery: Delivery, claim: _Claim, result: _Succeeded | _Raised
@@ -378,10 +459,15 @@ class MessageProcessor:
 
 
 async def run_handler(
-    task_type: TaskType[Any], payload: Any, context: TaskContext
+    task_type: TaskType[Any],
+    payload: Any,
+    context: TaskContext,
+    *,
+    time_limit: float | None = None,
 ) -> Any:
     """One attempt: decode the payload and await the handler within its timeout.
 
+    The timeout is the type's own, or ``time_limit`` for a type without one.
     A payload the type no longer accepts raises ``NonRetryableTaskError``; an
     attempt over the timeout raises ``HandlerTimeoutError``.
     """
@@ -394,18 +480,17 @@ async def run_handler(
             f"payload does not match task type {task_type.name!r}: {exc}"
         ) from exc
 
-    if task_type.timeout is None:
+    timeout = task_type.timeout if task_type.timeout is not None else time_limit
+    if timeout is None:
         return await task_type.handler(decoded, context)
 
-    deadline = asyncio.timeout(task_type.timeout)
+    deadline = asyncio.timeout(timeout)
     try:
         async with deadline:
             return await task_type.handler(decoded, context)
     except TimeoutError as exc:
         if deadline.expired():
-            raise HandlerTimeoutError(
-                f"attempt exceeded {task_type.timeout} seconds"
-            ) from exc
+            raise HandlerTimeoutError(f"attempt exceeded {timeout} seconds") from exc
         raise
 
 

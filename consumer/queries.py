@@ -10,7 +10,7 @@ task and never deadlock.
 
 from __future__ import annotations
 
-from sqlalchemy import TextClause, Uuid, bindparam, text
+from sqlalchemy import Float, Integer, Text, TextClause, Uuid, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 #: Whether a message's effect is already committed. A plain read: the outcome
@@ -94,6 +94,89 @@ SCHEDULE_RETRY = text(
     """
 )
 
+#: Hand back an attempt that shutdown cut short: the task waits again and the
+#: attempt does not count. Matches only while the task is still in attempt
+#: ``:attempt``, so a claim by another delivery since is never undone.
+RELEASE_ATTEMPT = text(
+    """
+    UPDATE tasks
+       SET status = 'PENDING',
+           attempts = attempts - 1,
+           updated_at = now()
+     WHERE id = :task_id
+       AND status = 'IN_PROGRESS'
+       AND attempts = :attempt
+    """
+)
+
+#: One sweep for stuck tasks: IN_PROGRESS for longer than their time limit
+#: plus ``:grace`` seconds, so their consumer died or hung and no delivery is
+#: going to finish them. The limit is the type's own (``:type_names`` and
+#: ``:type_limits``, parallel arrays) or ``:default_limit``.
+#:
+#: In the same statement, each stuck task is either retried (PENDING plus a
+#: ``task.retry`` outbox row, due at once) while attempts remain, or failed
+#: (FAILED plus a ``task.failed`` event). The outbox rows carry the same bodies
+#: the consumer writes through ``enqueue``; headers are empty, since the
+#: delivery that carried the trace is gone. ``FOR UPDATE SKIP LOCKED`` lets
+#: every consumer sweep at once, each taking different tasks and none waiting
+#: on a task a delivery is recording. At most ``:batch_size`` tasks per sweep,
+#: oldest first. Returns each swept task with its new status.
+SWEEP_STUCK_TASKS = text(
+    """
+    WITH limits AS (
+        SELECT type_name, seconds
+          FROM unnest(CAST(:type_names AS text[]), CAST(:type_limits AS float8[]))
+               AS l(type_name, seconds)
+    ),
+    stuck AS (
+        SELECT t.id, t.type, t.attempts, t.max_attempts,
+               coalesce(l.seconds, :default_limit) AS time_limit
+          FROM tasks AS t
+          LEFT JOIN limits AS l ON l.type_name = t.type
+         WHERE t.status = 'IN_PROGRESS'
+           AND t.started_at < now() - make_interval(
+                   secs => coalesce(l.seconds, :default_limit) + :grace)
+         ORDER BY t.started_at
+         LIMIT :batch_size
+           FOR UPDATE OF t SKIP LOCKED
+    ),
+    swept AS (
+        UPDATE tasks AS t
+           SET status = CASE WHEN s.attempts >= s.max_attempts
+                             THEN 'FAILED' ELSE 'PENDING' END,
+               error = format(
+                   'attempt %s exceeded its time limit of %s s;'
+                   ' its consumer stopped or hung', s.attempts, s.time_limit),
+               completed_at = CASE WHEN s.attempts >= s.max_attempts
+                                   THEN now() END,
+               updated_at = now()
+          FROM stuck AS s
+         WHERE t.id = s.id
+        RETURNING t.id, t.type, t.status, t.attempts
+    ),
+    events AS (
+        INSERT INTO outbox (routing_key, body, correlation_id)
+        SELECT CASE WHEN status = 'FAILED' THEN 'task.failed' ELSE 'task.retry' END,
+               CASE WHEN status = 'FAILED'
+                    THEN jsonb_build_object('task_id', id::text, 'type', type,
+                                            'status', status, 'attempts', attempts)
+                    ELSE jsonb_build_object('task_id', id::text, 'type', type)
+               END,
+               id::text
+          FROM swept
+        RETURNING id
+    )
+    SELECT id, type, status, attempts FROM swept
+    """
+).bindparams(
+    bindparam("type_names", type_=ARRAY(Text())),
+    bindparam("type_limits", type_=ARRAY(Float())),
+    bindparam("default_limit", type_=Float()),
+    bindparam("grace", type_=Float()),
+    bindparam("batch_size", type_=Integer()),
+)
+
 #: Which of the running tasks were cancelled meanwhile; one query for every
 #: task this process is running, whatever their number.
 CANCELLED_AMONG = text(
@@ -114,5 +197,7 @@ ALL: dict[str, TextClause] = {
     "COMPLETE_TASK": COMPLETE_TASK,
     "FAIL_TASK": FAIL_TASK,
     "SCHEDULE_RETRY": SCHEDULE_RETRY,
+    "RELEASE_ATTEMPT": RELEASE_ATTEMPT,
+    "SWEEP_STUCK_TASKS": SWEEP_STUCK_TASKS,
     "CANCELLED_AMONG": CANCELLED_AMONG,
 }

@@ -34,6 +34,14 @@ class ConsumerSettings(msgspec.Struct, kw_only=True):
     retry_backoff_base_seconds: float = 2.0
     #: Upper bound of a retry delay, before jitter.
     retry_backoff_max_seconds: float = 300.0
+    #: Seconds an attempt of a task type without its own ``timeout`` may run;
+    #: the handler is cancelled (a failed attempt) beyond it.
+    task_time_limit_seconds: float = 3600.0
+    #: Extra seconds past a task's time limit before the sweeper calls an
+    #: IN_PROGRESS task stuck and retries or fails it.
+    task_time_limit_grace_seconds: float = 60.0
+    #: Seconds between two sweeps for stuck tasks.
+    task_sweep_interval_seconds: float = 30.0
     #: Interface of the health and metrics server (/health/live, /health/ready,
     #: /metrics).
     consumer_health_host: str = "127.0.0.1"
@@ -55,6 +63,12 @@ class ConsumerSettings(msgspec.Struct, kw_only=True):
             raise ValueError("consumer_shutdown_grace_seconds must not be negative")
         if self.retry_backoff_base_seconds < 0 or self.retry_backoff_max_seconds < 0:
             raise ValueError("retry back-off seconds must not be negative")
+        if self.task_time_limit_seconds <= 0:
+            raise ValueError("task_time_limit_seconds must be positive")
+        if self.task_time_limit_grace_seconds < 0:
+            raise ValueError("task_time_limit_grace_seconds must not be negative")
+        if self.task_sweep_interval_seconds <= 0:
+            raise ValueError("task_sweep_interval_seconds must be positive")
 
     def __repr__(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""``python -m outbox_relay``: run the relay, or show the outbox lag.
+"""``python -m outbox_relay``: run the relay, show the outbox lag, replay parked rows.
 
 Settings come from the environment and a ``.env`` file in the working
 directory (see :class:`outbox_relay.settings.RelaySettings`).
@@ -21,7 +21,7 @@ from outbox_relay.health import serve_health
 from outbox_relay.logs import configure_logging
 from outbox_relay.relay import OutboxRelay
 from outbox_relay.settings import RelaySettings
-from outbox_relay.store import OutboxLag, read_lag
+from outbox_relay.store import OutboxLag, read_lag, replay_dead
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +108,38 @@ def status(as_json: bool) -> None:
         click.echo(msgspec.json.encode(lag).decode())
     else:
         click.echo(_lag_table(lag))
+
+
+@main.command("replay-dead")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every parked row.")
+@click.argument("ids", nargs=-1, type=int)
+def replay_dead_command(replay_all: bool, ids: tuple[int, ...]) -> None:
+    """Give parked rows (see the outbox_dead view) a fresh set of attempts.
+
+    Name the rows by id, or pass --all. Each row's attempts start again from
+    zero and it is published at once by a running relay. Exits 1 if an id
+    named was not a parked row.
+    """
+    if replay_all == bool(ids):
+        raise click.UsageError("name the rows to replay, or pass --all (not both)")
+
+    settings = _settings()
+    try:
+        replayed = asyncio.run(
+            replay_dead(settings.database_url, None if replay_all else ids)
+        )
+    except RelayError as exc:
+        raise click.ClickException(f"cannot reach the outbox: {exc}") from exc
+
+    click.echo(f"replayed {len(replayed)} row(s): {_id_list(replayed)}")
+    missing = sorted(set(ids) - set(replayed))
+    if missing:
+        click.echo(f"not parked, left alone: {_id_list(missing)}", err=True)
+        sys.exit(1)
+
+
+def _id_list(ids: list[int]) -> str:
+    return ", ".join(str(row_id) for row_id in ids) or "none"
 
 
 def _lag_table(lag: OutboxLag) -> str:

@@ -13,6 +13,14 @@ class PublishError(RelayError):
     """The broker did not confirm a message: refused, returned or timed out."""
 
 
+class ChannelClosedByBrokerError(PublishError):
+    """The broker closed the channel while this row's message was unconfirmed.
+
+    Possibly because of this message, possibly because of another one on the
+    same channel; only publishing it alone tells which.
+    """
+
+
 class BrokerUnavailableError(RelayError):
     """RabbitMQ cannot be reached or the channel broke; no message is to blame."""
 

@@ -6,6 +6,14 @@ its row instead of vanishing. aio-pika's and aiormq's exceptions are
 translated here and nowhere else; the relay sees a :class:`BatchOutcome` that
 sorts the rows into published, failed (the message's problem, retried with
 back-off) and unsent (the connection's problem, retried without counting).
+
+A message can also make the broker close the channel (one over the broker's
+``max_message_size``, say). Every message still unconfirmed on that channel
+then fails with the same error, so the outcome lists them as *suspects*
+rather than blaming them all; the relay publishes suspects one at a time to
+find the one at fault. Oversized messages are refused here, before they reach
+the broker, whenever the relay's ``RELAY_MAX_MESSAGE_BYTES`` is below the
+broker's limit.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 import aio_pika
 import aio_pika.exceptions
+import aiormq.exceptions
 import msgspec
 from aio_pika.abc import (
     AbstractExchange,
@@ -25,10 +34,24 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from outbox_relay.errors import BrokerUnavailableError, PublishError
+from outbox_relay.errors import (
+    BrokerUnavailableError,
+    ChannelClosedByBrokerError,
+    PublishError,
+)
 from outbox_relay.queries import OutboxRow
 
 _HEADERS = msgspec.json.Decoder(dict[str, Any])
+
+#: Largest headers object (as stored JSON) a row may carry. AMQP sends the
+#: headers in one frame, and the broker drops the whole connection over a
+#: frame above its ``frame_max`` (128 KiB by default), which would look like
+#: an outage instead of one row's fault.
+MAX_HEADERS_BYTES = 64 * 1024
+
+#: How often to look whether the client has reopened a channel the broker
+#: closed; the robust channel does so within milliseconds.
+CHANNEL_REOPEN_POLL_SECONDS = 0.05
 
 
 def events_exchange_name(prefix: str) -> str:
@@ -46,6 +69,9 @@ class BatchOutcome:
     failed: dict[int, PublishError] = field(default_factory=dict)
     #: Never settled because the connection or channel broke.
     unsent: list[int] = field(default_factory=list)
+    #: Unconfirmed when the broker closed the channel because of one message;
+    #: any of them may be the one, so none is blamed yet.
+    suspect: dict[int, PublishError] = field(default_factory=dict)
     #: Why the rows in ``unsent`` were not sent.
     broker_error: BrokerUnavailableError | None = None
 
@@ -53,16 +79,43 @@ class BatchOutcome:
         self.unsent.append(row_id)
         self.broker_error = error
 
+    def merge(self, other: BatchOutcome) -> None:
+        """Add ``other``'s rows to this outcome (for rows published apart)."""
+        self.published.extend(other.published)
+        self.failed.update(other.failed)
+        self.unsent.extend(other.unsent)
+        self.suspect.update(other.suspect)
+        if other.broker_error is not None:
+            self.broker_error = other.broker_error
 
-def build_message(row: OutboxRow) -> aio_pika.Message:
-    """The AMQP message for ``row``; raises ``PublishError`` for bad headers."""
+
+def build_message(
+    row: OutboxRow, *, max_body_bytes: int | None = None
+) -> aio_pika.Message:
+    """The AMQP message for ``row``.
+
+    Raises ``PublishError`` for headers that are not a JSON object or too
+    large, and for a body over ``max_body_bytes``: the row's own faults,
+    which no broker would accept.
+    """
+    if len(row.headers) > MAX_HEADERS_BYTES:
+        raise PublishError(
+            f"headers of {len(row.headers)} bytes are over {MAX_HEADERS_BYTES}"
+        )
     try:
         headers = _HEADERS.decode(row.headers)
     except msgspec.DecodeError as exc:
         raise PublishError(f"headers are not a JSON object: {exc}") from exc
 
+    body = row.body.encode()
+    if max_body_bytes is not None and len(body) > max_body_bytes:
+        raise PublishError(
+            f"oversize: body of {len(body)} bytes is over"
+            f" RELAY_MAX_MESSAGE_BYTES ({max_body_bytes})"
+        )
+
     return aio_pika.Message(
-        body=row.body.encode(),
+        body=body,
         message_id=str(row.id),
         correlation_id=row.correlation_id,
         type=row.routing_key,
@@ -86,11 +139,13 @@ class OutboxPublisher:
         channel: AbstractRobustChannel,
         exchange: AbstractExchange,
         publish_timeout: float,
+        max_message_bytes: int | None = None,
     ) -> None:
         self._connection = connection
         self._channel = channel
         self._exchange = exchange
         self._publish_timeout = publish_timeout
+        self._max_message_bytes = max_message_bytes
 
     @classmethod
     async def connect(
@@ -100,6 +155,7 @@ class OutboxPublisher:
         *,
         publish_timeout: float,
         connection_name: str,
+        max_message_bytes: int | None = None,
     ) -> OutboxPublisher:
         """Connect, open a confirming channel and declare the exchange.
 
@@ -128,7 +184,7 @@ class OutboxPublisher:
             await connection.close()
             raise BrokerUnavailableError(_describe(exc)) from exc
 
-        return cls(connection, channel, exchange, publish_timeout)
+        return cls(connection, channel, exchange, publish_timeout, max_message_bytes)
 
     @property
     def is_ready(self) -> bool:
@@ -139,9 +195,22 @@ class OutboxPublisher:
             and not self._channel.is_closed
         )
 
+    @property
+    def is_connected(self) -> bool:
+        """The connection is up, whatever became of the channel."""
+        return self._connection.connected.is_set() and not self._connection.is_closed
+
     async def wait_ready(self) -> None:
-        """Return once the connection and channel are restored."""
-        await self._channel.ready()
+        """Return once the connection and channel are restored.
+
+        The robust channel's own ready signal can be set while a channel the
+        broker closed is still being reopened, so readiness is checked as
+        well, at short intervals.
+        """
+        while not self.is_ready:
+            await self._channel.ready()
+            if not self.is_ready:
+                await asyncio.sleep(CHANNEL_REOPEN_POLL_SECONDS)
 
     async def publish_batch(self, rows: Sequence[OutboxRow]) -> BatchOutcome:
         """Publish ``rows`` concurrently and wait for each one's confirm.
@@ -155,13 +224,21 @@ class OutboxPublisher:
         if not rows:
             return outcome
 
+        deadline = asyncio.get_running_loop().time() + self._publish_timeout
+        if self.is_connected and not self.is_ready:
+            # The broker closed the channel (a message it refused); the client
+            # reopens it at once, so wait for that rather than fail the batch.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait_ready(), self._publish_timeout)
+
         tasks = {
             row.id: asyncio.create_task(
                 self._publish_one(row), name=f"outbox-publish-{row.id}"
             )
             for row in rows
         }
-        _, pending = await asyncio.wait(tasks.values(), timeout=self._publish_timeout)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        _, pending = await asyncio.wait(tasks.values(), timeout=remaining)
         for task in pending:
             task.cancel()
         # Cancelled tasks must finish before the batch is settled, so no
@@ -178,6 +255,8 @@ class OutboxPublisher:
                 outcome.published.append(row_id)
             elif isinstance(error, BrokerUnavailableError):
                 outcome.add_unsent(row_id, error)
+            elif isinstance(error, ChannelClosedByBrokerError):
+                outcome.suspect[row_id] = error
             else:
                 outcome.failed[row_id] = error
         return outcome
@@ -192,7 +271,7 @@ class OutboxPublisher:
         self, row: OutboxRow
     ) -> PublishError | BrokerUnavailableError | None:
         try:
-            message = build_message(row)
+            message = build_message(row, max_body_bytes=self._max_message_bytes)
         except PublishError as exc:
             return exc
 
@@ -209,6 +288,12 @@ class OutboxPublisher:
             return PublishError(f"unroutable: returned by the broker ({exc})")
         except aio_pika.exceptions.DeliveryError as exc:
             return PublishError(f"refused: the broker nacked it ({exc})")
+        except aiormq.exceptions.ChannelClosed as exc:
+            if _closed_by_broker(exc):
+                return ChannelClosedByBrokerError(
+                    f"the broker closed the channel: {_describe(exc)}"
+                )
+            return BrokerUnavailableError(_describe(exc))
         except TimeoutError:
             if not self.is_ready:
                 return BrokerUnavailableError("connection lost while publishing")
@@ -226,6 +311,15 @@ class OutboxPublisher:
             outcome.add_unsent(
                 row_id, BrokerUnavailableError("connection lost while publishing")
             )
+
+
+def _closed_by_broker(exc: aiormq.exceptions.ChannelClosed) -> bool:
+    # The client's own close ends in a bare ChannelClosed without a reply
+    # code; the broker's Channel.Close carries one (406 for a message over
+    # max_message_size) and usually maps to a subclass.
+    if type(exc) is not aiormq.exceptions.ChannelClosed:
+        return True
+    return bool(exc.args) and exc.args[0] is not None
 
 
 def _describe(exc: BaseException) -> str:

@@ -145,6 +145,27 @@ SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL) AS dead,
          WHERE published_at > now() - interval '1 minute') AS published_last_minute
 """
 
+#: Give parked rows another chance: rows ``$1`` (an array of ids), or every
+#: parked row when ``$1`` is NULL. Attempts start again from zero and the row
+#: is due at once; ``last_error`` stays as a record of why it was parked until
+#: a new failure replaces it. Returns the ids replayed; ids that are not
+#: parked (unknown, published, or still live) are left alone.
+REPLAY_DEAD = """
+UPDATE outbox
+   SET dead_at = NULL,
+       attempts = 0,
+       available_at = now(),
+       claimed_by = NULL
+ WHERE dead_at IS NOT NULL
+   AND published_at IS NULL
+   AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
+RETURNING id
+"""
+
+#: Wake the relays after a replay: the notify trigger only fires on INSERT,
+#: and without it replayed rows would wait for the next poll.
+NOTIFY_RELAYS = "SELECT pg_notify('outbox_pending', '')"
+
 #: A round trip on the LISTEN connection, to find a connection that died
 #: without the socket noticing (a network partition rather than a reset).
 PING = "SELECT 1"

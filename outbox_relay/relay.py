@@ -7,6 +7,12 @@ the connection dropped are handed back without counting. A full batch is
 followed at once by another pass; otherwise the relay sleeps until a NOTIFY, the
 next row's due time or the poll interval, whichever comes first.
 
+A message that makes the broker close the channel fails every message then
+in flight on it. Those rows are released without counting an attempt and
+remembered as suspects; the next pass publishes each suspect alone, so only
+the one that closes the channel again has an attempt counted (and, after
+``RELAY_MAX_ATTEMPTS``, is parked), while the others go out.
+
 Delivery is at least once. A relay that dies after the broker confirmed but
 before the mark commits publishes those rows again after the lease; consumers
 deduplicate by ``message_id``. Within a batch messages reach the broker in id
@@ -46,6 +52,15 @@ LISTENER_STOP_SECONDS = 2.0
 #: ``last_error`` keeps the start of a failure's description, not a novel.
 MAX_ERROR_LENGTH = 1000
 
+#: Suspects published alone in one pass at most, each waiting for its own
+#: confirm; more are handed back for the next pass, so a pass stays well
+#: within the lease.
+MAX_ISOLATED_PER_PASS = 32
+
+#: Suspects remembered at most; beyond it the oldest are forgotten (another
+#: relay may have published them meanwhile, and they would never be seen).
+MAX_SUSPECTS = 10_000
+
 
 @dataclass(slots=True)
 class _PublishedBatch:
@@ -80,6 +95,10 @@ class OutboxRelay:
         self._store = store
         self._publisher = publisher
         self._unsettled: _PublishedBatch | None = None
+        #: Rows in flight when the broker closed the channel; published one at
+        #: a time when next claimed. Insertion-ordered, so the oldest go first
+        #: when the set is trimmed.
+        self._suspects: dict[int, None] = {}
 
     @property
     def is_ready(self) -> bool:
@@ -167,6 +186,7 @@ class OutboxRelay:
                     self._settings.amqp_prefix,
                     publish_timeout=self._settings.relay_publish_timeout,
                     connection_name=f"outbox_relay {self._settings.relay_name}",
+                    max_message_bytes=self._settings.relay_max_message_bytes,
                 )
             except BrokerUnavailableError as exc:
                 await self._pause(stop, self._broker.down(exc))
@@ -174,6 +194,15 @@ class OutboxRelay:
 
         if self._publisher.is_ready:
             return self._publisher
+
+        if self._publisher.is_connected:
+            # Only the channel is gone: the broker closed it over a message,
+            # and the client is reopening it. Not an outage unless it lasts.
+            await wait_first(
+                stop.wait(), self._publisher.wait_ready(), at_most=BROKER_WAIT_SECONDS
+            )
+            if self._publisher.is_ready:
+                return self._publisher
 
         # The robust connection reconnects by itself; wait for it, not poll it.
         self._broker.down("connection lost")
@@ -200,15 +229,64 @@ class OutboxRelay:
             return False, None
 
         started = time.monotonic()
-        outcome = await publisher.publish_batch(rows)
+        outcome = await self._publish(publisher, rows)
         # Kept until settled: if the database goes away now, the next pass
         # marks these rows first instead of letting their lease expire and
         # publishing them a second time.
         self._unsettled = _PublishedBatch(rows, outcome, started)
         await self._settle(store, self._unsettled)
 
-        full = len(rows) >= self._settings.relay_batch_size
+        # Released suspects are due again at once and must not wait for the
+        # poll interval: the next pass isolates them.
+        full = len(rows) >= self._settings.relay_batch_size or bool(outcome.suspect)
         return full, outcome.broker_error
+
+    async def _publish(
+        self, publisher: OutboxPublisher, rows: list[OutboxRow]
+    ) -> BatchOutcome:
+        """Publish suspects one at a time, then the other rows as one batch.
+
+        A suspect that makes the broker close the channel on its own is the
+        row at fault and fails; rows that were merely in flight next to the
+        culprit are released as suspects, with no attempt counted.
+        """
+        outcome = BatchOutcome()
+        ordinary = [row for row in rows if row.id not in self._suspects]
+        isolated = [row for row in rows if row.id in self._suspects]
+
+        for index, row in enumerate(isolated):
+            if outcome.broker_error is not None:
+                outcome.add_unsent(row.id, outcome.broker_error)
+                continue
+            if index >= MAX_ISOLATED_PER_PASS:
+                outcome.unsent.append(row.id)
+                continue
+
+            alone = await publisher.publish_batch([row])
+            if row.id in alone.suspect:
+                outcome.failed[row.id] = alone.suspect.pop(row.id)
+            outcome.merge(alone)
+            if row.id not in outcome.unsent:
+                del self._suspects[row.id]
+
+        broker_error = outcome.broker_error
+        if broker_error is not None:
+            for row in ordinary:
+                outcome.add_unsent(row.id, broker_error)
+        elif ordinary:
+            outcome.merge(await publisher.publish_batch(ordinary))
+
+        if outcome.suspect:
+            self._log.warning(
+                "outbox_channel_closed",
+                suspects=len(outcome.suspect),
+                reason=str(next(iter(outcome.suspect.values())))[:MAX_ERROR_LENGTH],
+            )
+            for row_id in outcome.suspect:
+                self._suspects[row_id] = None
+            while len(self._suspects) > MAX_SUSPECTS:
+                del self._suspects[next(iter(self._suspects))]
+        return outcome
 
     async def _settle(self, store: OutboxStore, batch: _PublishedBatch) -> None:
         """Write a batch's outcome to the outbox; safe to repeat after a failure.
@@ -236,7 +314,7 @@ class OutboxRelay:
             for row_id, error in outcome.failed.items()
         ]
         recorded = await store.mark_failed(failures, settings.relay_max_attempts)
-        await store.release(outcome.unsent)
+        await store.release([*outcome.unsent, *outcome.suspect])
         self._unsettled = None
 
         for failure in failures:
@@ -260,7 +338,7 @@ class OutboxRelay:
             "outbox_batch_published",
             count=len(outcome.published),
             failed=len(outcome.failed),
-            released=len(outcome.unsent),
+            released=len(outcome.unsent) + len(outcome.suspect),
             duration_ms=round((time.monotonic() - batch.started) * 1000, 1),
         )
 

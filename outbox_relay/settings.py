@@ -44,6 +44,10 @@ class RelaySettings(msgspec.Struct, kw_only=True):
     relay_retry_base_seconds: Positive = 1.0
     #: Longest back-off between two attempts at the same row.
     relay_retry_max_seconds: Positive = 300.0
+    #: Largest message body published; a larger row fails (and is parked after
+    #: ``relay_max_attempts``) instead of reaching the broker. Keep it below
+    #: the broker's ``max_message_size`` (128 MiB by default in RabbitMQ).
+    relay_max_message_bytes: AtLeastOne = 16 * 1024 * 1024
     #: Written to ``claimed_by`` and the connection names; unique per process.
     relay_name: str = msgspec.field(default_factory=_default_relay_name)
     #: Interface of the relay's /health/live, /health/ready and /metrics.

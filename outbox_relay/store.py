@@ -127,6 +127,28 @@ async def read_lag(database_url: str) -> OutboxLag:
     )
 
 
+async def replay_dead(database_url: str, ids: Sequence[int] | None) -> list[int]:
+    """Unpark ``ids`` (every parked row when None); returns the ids unparked.
+
+    One transaction: the rows are reset and the relays woken together.
+    """
+    with database_errors():
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(
+            asyncpg_dsn(database_url), timeout=CONNECT_TIMEOUT_SECONDS
+        )
+    try:
+        with database_errors():
+            async with conn.transaction():
+                records = await conn.fetch(
+                    queries.REPLAY_DEAD, None if ids is None else list(ids)
+                )
+                if records:
+                    await conn.execute(queries.NOTIFY_RELAYS)
+    finally:
+        await conn.close()
+    return sorted(record["id"] for record in records)
+
+
 class OutboxStore:
     """Claims and settles outbox rows on behalf of one relay.
 

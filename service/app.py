@@ -5,18 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outbox_relay.config import sqlalchemy_url
+from service.auth import require_api_key, require_scope
 from service.middleware import RequestContextMiddleware
 from service.problems import EXCEPTION_HANDLERS
+from service.rate_limit import PrincipalRateLimiter, enforce_rate_limit
 from service.registry import HandlerRegistry, load_registry
-from service.routes import TaskController, list_task_types, live, ready
+from service.request import ServiceRequest
+from service.routes import TaskController, list_task_types, live, metrics, ready
 from service.settings import ServiceSettings
 
 API_VERSION = "1.0.0"
@@ -48,14 +52,22 @@ def create_app(
     async def database(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
         app.state.engine = engine
+        app.state.rate_limiter = PrincipalRateLimiter.from_settings(settings)
         try:
             yield
         finally:
             await engine.dispose()
 
-    class MetricsController(PrometheusController):
-        path = "/metrics"
-        openmetrics_format = False
+    # Everything under /api/v1 is behind the key check, so a route added
+    # here later cannot be reachable without a key. Guards run in this
+    # order; the rate is counted before the scope is checked, since a
+    # refused request costs the server too.
+    api_v1 = Router(
+        "/api/v1",
+        route_handlers=[TaskController, list_task_types],
+        guards=[require_api_key, enforce_rate_limit, require_scope],
+        security=[{"apiKey": []}],
+    )
 
     prometheus = PrometheusConfig(
         app_name="outbox_tasks_api",
@@ -66,17 +78,17 @@ def create_app(
 
     return Litestar(
         route_handlers=[
-            TaskController,
-            list_task_types,
+            api_v1,
             live,
             ready,
-            MetricsController,
+            metrics,
         ],
         lifespan=[database],
         state=State({"settings": settings, "registry": registry}),
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[RequestContextMiddleware(), prometheus.middleware],
         request_max_body_size=settings.api_max_body_bytes,
+        request_class=ServiceRequest,
         openapi_config=OpenAPIConfig(
             title="Outbox task service",
             version=API_VERSION,
@@ -85,6 +97,17 @@ def create_app(
                 "twice. Errors are RFC 9457 problem documents."
             ),
             path="/schema",
+            components=Components(
+                security_schemes={
+                    "apiKey": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description=(
+                            "An API key from `python -m service api-keys create NAME`."
+                        ),
+                    )
+                }
+            ),
             render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
         ),
         # Logging is configured once by the entry point (structlog); Litestar

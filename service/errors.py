@@ -33,3 +33,40 @@ class RequestValidationError(ServiceError):
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{field}: {message}" for field, message in errors))
         self.errors = errors
+
+
+class AuthenticationError(ServiceError):
+    """No API key was presented, or the one presented is not a valid key."""
+
+    def __init__(self, *, presented: bool) -> None:
+        super().__init__("invalid API key" if presented else "missing API key")
+        self.presented = presented
+
+
+class MissingScopeError(ServiceError):
+    """The caller's key lacks the scope the route requires."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"this API key lacks the scope {scope!r}")
+        self.scope = scope
+
+
+class RateLimitedError(ServiceError):
+    """The principal has used up its requests for now."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"rate limit exceeded; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class IdempotencyKeyReusedError(ServiceError):
+    """An ``Idempotency-Key`` sent again with a different request body."""
+
+
+class InvalidParameterError(ServiceError):
+    """A query, path or header parameter that parsed but cannot be used."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

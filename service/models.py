@@ -7,8 +7,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, Index, Integer, Text, func, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox_relay.schema import metadata
@@ -26,6 +35,12 @@ class TaskStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}
 )
+
+
+#: Owner of task rows written without one: rows from before API keys existed,
+#: or inserted by hand. Only an ``admin`` key (or one whose principal is
+#: named ``legacy``) sees them.
+LEGACY_OWNER = "legacy"
 
 
 class TaskPriority(enum.StrEnum):
@@ -47,6 +62,8 @@ class Task(Base):
     __tablename__ = "tasks"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    #: The principal whose API key created the task; only it and admins see it.
+    owner: Mapped[str] = mapped_column(Text, server_default=text(f"'{LEGACY_OWNER}'"))
     title: Mapped[str] = mapped_column(Text)
     description: Mapped[str | None] = mapped_column(Text)
     type: Mapped[str] = mapped_column(Text)
@@ -75,4 +92,56 @@ class Task(Base):
         # the common "what is still queued" listing.
         Index("ix_tasks_created_at_id", "created_at", "id"),
         Index("ix_tasks_status_created_at_id", "status", "created_at", "id"),
+        # A principal's own listing walks the same keyset within its rows.
+        Index("ix_tasks_owner_created_at_id", "owner", "created_at", "id"),
+    )
+
+
+class ApiKey(Base):
+    """A credential of one principal; only the SHA-256 of the key is stored."""
+
+    __tablename__ = "api_keys"
+
+    #: The public part of the key, by which a presented key is looked up.
+    key_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: The principal the key acts for; tasks are owned by this name.
+    name: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    key_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(
+            "cardinality(scopes) > 0 AND scopes <@ "
+            "ARRAY['tasks:read', 'tasks:write', 'admin']::text[]",
+            name="scopes",
+        ),
+        Index("ix_api_keys_name", "name"),
+    )
+
+
+class IdempotencyKey(Base):
+    """The task an ``Idempotency-Key`` of one principal created, and for what.
+
+    The primary key (owner, key) is the unique constraint that makes
+    concurrent submissions with the same key create one task: the losers'
+    inserts wait for the winner's commit and then conflict with its row.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: SHA-256 of the canonical request body; a different body is refused.
+    request_hash: Mapped[str] = mapped_column(Text)
+    # Deferred, because the key row is written before the task it names:
+    # claiming the key first is what stops a second task being inserted.
+    task_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tasks.id", deferrable=True, initially="DEFERRED")
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
     )

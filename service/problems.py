@@ -26,7 +26,12 @@ from litestar.serialization import encode_json
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.errors import (
+    AuthenticationError,
+    IdempotencyKeyReusedError,
     InvalidCursorError,
+    InvalidParameterError,
+    MissingScopeError,
+    RateLimitedError,
     RequestValidationError,
     ServiceError,
     TaskNotFoundError,
@@ -125,6 +130,42 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
 
 
 def _service(request: Request[Any, Any, Any], exc: ServiceError) -> Response[Any]:
+    if isinstance(exc, AuthenticationError):
+        # RFC 6750: say which scheme is expected, and whether the key sent
+        # (if any) was the trouble; never echo the key itself.
+        challenge = 'Bearer error="invalid_token"' if exc.presented else "Bearer"
+        return problem_response(
+            401,
+            "unauthorized",
+            "Send a valid API key as `Authorization: Bearer <key>`."
+            if not exc.presented
+            else "The API key is not valid, or was revoked.",
+            headers={"WWW-Authenticate": challenge},
+        )
+    if isinstance(exc, MissingScopeError):
+        return problem_response(403, "forbidden", str(exc))
+    if isinstance(exc, RateLimitedError):
+        return problem_response(
+            429,
+            "rate-limited",
+            "Too many requests from this principal; retry after the "
+            "Retry-After header's seconds.",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, IdempotencyKeyReusedError):
+        return problem_response(
+            422,
+            "idempotency-key-reused",
+            str(exc),
+            errors=[FieldError(field="Idempotency-Key", message=str(exc))],
+        )
+    if isinstance(exc, InvalidParameterError):
+        return problem_response(
+            400,
+            "invalid-parameter",
+            "A path, query or header parameter is not valid.",
+            errors=[FieldError(field=exc.field, message=exc.message)],
+        )
     if isinstance(exc, TaskNotFoundError):
         return problem_response(404, "task-not-found", "No such task.")
     if isinstance(exc, TaskStateConflictError):

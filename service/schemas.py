@@ -10,8 +10,14 @@ import msgspec
 
 from service.models import TaskPriority, TaskStatus
 
-Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Description = Annotated[str, msgspec.Meta(max_length=10_000)]
+#: PostgreSQL cannot store NUL characters in text, so none are accepted.
+NO_NUL_PATTERN = "^[^\\x00]*$"
+
+Title = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL_PATTERN)
+]
+Description = Annotated[str, msgspec.Meta(max_length=10_000, pattern=NO_NUL_PATTERN)]
+TypeName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=100)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
@@ -23,7 +29,9 @@ class TaskCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     description: Description | None = None
     priority: TaskPriority = TaskPriority.MEDIUM
     #: A registered task type; the service's default type when omitted.
-    type: str | None = None
+    type: TypeName | None = None
+    #: At most API_MAX_PAYLOAD_BYTES as JSON, nested at most
+    #: API_MAX_PAYLOAD_DEPTH deep, without NUL characters.
     payload: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Attempts before the task is FAILED; the service default when omitted.
     max_attempts: MaxAttempts | None = None
@@ -41,7 +49,8 @@ class TaskRead(msgspec.Struct, kw_only=True):
     status: TaskStatus
     attempts: int
     max_attempts: int
-    result: Any | None
+    #: Any JSON value the handler returned; null until the task COMPLETED.
+    result: Any
     error: str | None
     run_at: datetime | None
     created_at: datetime

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from outbox_relay.config import mask_url
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/outbox_tasks"
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class DatabaseSettings(msgspec.Struct, kw_only=True):
@@ -25,7 +30,19 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     #: Requests with a larger body are refused with 413.
-    api_max_body_bytes: int = 1024 * 1024
+    api_max_body_bytes: Positive = 1024 * 1024
+    #: A task payload larger than this, encoded as JSON, is refused with 422.
+    api_max_payload_bytes: Positive = 64 * 1024
+    #: A task payload nested deeper than this (objects and arrays) gets 422.
+    api_max_payload_depth: Positive = 32
+    #: Requests each principal may make per minute; 0 turns the limit off.
+    api_rate_limit_per_minute: NonNegative = 600
+    #: Seconds an ``Idempotency-Key`` keeps answering with its first task.
+    api_idempotency_ttl_seconds: Positive = 24 * 60 * 60
+    #: Redis that holds the rate limit counters, shared by every API replica.
+    rate_limit_storage_url: str = "redis://127.0.0.1:6379/0"
+    #: Start of every rate limit key, so deployments can share one Redis.
+    rate_limit_key_prefix: str = "outbox-tasks"
     #: Connections the API keeps to PostgreSQL (plus as many again in bursts).
     db_pool_size: int = 10
     #: Type used when a submitted task names none.
@@ -41,5 +58,6 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     def __repr__(self) -> str:
         return (
             f"ServiceSettings(database_url={mask_url(self.database_url)!r}, "
-            f"api_host={self.api_host!r}, api_port={self.api_port})"
+            f"api_host={self.api_host!r}, api_port={self.api_port}, "
+            f"rate_limit_storage_url={mask_url(self.rate_limit_storage_url)!r})"
         )

@@ -11,21 +11,33 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import Select, func, insert, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    func,
+    insert,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox_relay.outbox import OutboxMessage, enqueue
+from service import idempotency
 from service.errors import (
     InvalidCursorError,
+    InvalidParameterError,
     RequestValidationError,
     TaskNotFoundError,
     TaskStateConflictError,
 )
+from service.idempotency import IdempotencyClaim
 from service.models import TERMINAL_STATUSES, Task, TaskPriority, TaskStatus
 from service.problems import field_error_from_msgspec
 from service.registry import HandlerRegistry
@@ -33,8 +45,13 @@ from service.schemas import TaskCreate, TaskRead
 
 _TASK_COLUMNS = [getattr(Task, name) for name in TaskRead.__struct_fields__]
 
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+DEFAULT_MAX_PAYLOAD_DEPTH = 32
+
 
 class TaskFilters(msgspec.Struct, kw_only=True):
+    #: Only this principal's tasks; None lists every principal's (admin).
+    owner: str | None
     status: TaskStatus | None = None
     priority: TaskPriority | None = None
     type: str | None = None
@@ -58,13 +75,79 @@ def _event(
     )
 
 
+def _visible_to(owner: str | None) -> ColumnElement[bool]:
+    """Where-clause for the tasks a caller may see: its own, or all (admin)."""
+    return Task.owner == owner if owner is not None else true()
+
+
+def require_storable_time(value: datetime | None, field: str) -> None:
+    """Raise InvalidParameterError unless the database driver can send ``value``.
+
+    A time near the ends of the calendar with an offset leaves Python's
+    range when it is converted to UTC on its way to PostgreSQL.
+    """
+    if value is None:
+        return
+    try:
+        value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidParameterError(field, "time out of range") from None
+
+
+def check_payload(payload: Any, *, max_bytes: int, max_depth: int) -> None:
+    """Refuse payloads too big, too deep, or holding text PostgreSQL cannot store.
+
+    Walks the payload without recursion, and measures its size only once its
+    depth is known to be sane, so no payload can exhaust the interpreter's
+    stack here. Raises RequestValidationError.
+    """
+    pending: list[tuple[Any, int, str]] = [(payload, 1, "payload")]
+    keys: Iterable[str]
+    while pending:
+        value, depth, path = pending.pop()
+        if isinstance(value, dict):
+            children = [(v, f"{path}.{k}") for k, v in value.items()]
+            keys = value.keys()
+        elif isinstance(value, list):
+            children = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            keys = ()
+        else:
+            if isinstance(value, str) and "\x00" in value:
+                raise RequestValidationError([(path, "contains a NUL character")])
+            continue
+        if depth > max_depth:
+            raise RequestValidationError(
+                [("payload", f"nested deeper than {max_depth} levels")]
+            )
+        if any("\x00" in key for key in keys):
+            raise RequestValidationError([(path, "a key contains a NUL character")])
+        pending.extend((child, depth + 1, child_path) for child, child_path in children)
+
+    if len(msgspec.json.encode(payload)) > max_bytes:
+        raise RequestValidationError(
+            [("payload", f"larger than {max_bytes} bytes as JSON")]
+        )
+
+
 def validate_submission(
-    data: TaskCreate, registry: HandlerRegistry, default_type: str
+    data: TaskCreate,
+    registry: HandlerRegistry,
+    default_type: str,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH,
 ) -> tuple[str, dict[str, Any]]:
     """The task type to use and the payload normalised by its schema.
 
     Raises UnknownTaskTypeError or RequestValidationError; nothing is written.
     """
+    check_payload(
+        data.payload, max_bytes=max_payload_bytes, max_depth=max_payload_depth
+    )
+    try:
+        require_storable_time(data.run_at, "run_at")
+    except InvalidParameterError as exc:
+        raise RequestValidationError([(exc.field, exc.message)]) from None
     task_type = registry.get(data.type or default_type)
     try:
         normalised = task_type.decode(data.payload)
@@ -78,18 +161,33 @@ async def create_task(
     conn: AsyncConnection,
     data: TaskCreate,
     *,
+    owner: str,
     task_type: str,
     payload: dict[str, Any],
     max_attempts: int,
     headers: Mapping[str, str],
-) -> TaskRead:
-    """Insert the task as NEW and its ``task.created`` outbox row, atomically."""
+    idempotency_claim: IdempotencyClaim | None = None,
+) -> tuple[TaskRead, bool]:
+    """Insert the task as NEW and its ``task.created`` outbox row, atomically.
+
+    With an idempotency claim the key is claimed first, in the same
+    transaction: if an earlier request holds it, nothing is inserted and
+    that request's task is returned instead. The flag says whether the task
+    was created now.
+    """
+    task_id = uuid.uuid4()
     async with conn.begin():
+        if idempotency_claim is not None:
+            earlier = await idempotency.claim(conn, idempotency_claim, task_id)
+            if earlier is not None:
+                return await get_task(conn, earlier, owner=owner), False
+
         row = (
             await conn.execute(
                 insert(Task)
                 .values(
-                    id=uuid.uuid4(),
+                    id=task_id,
+                    owner=owner,
                     title=data.title,
                     description=data.description,
                     type=task_type,
@@ -104,12 +202,17 @@ async def create_task(
         ).one()
         task = _read(row)
         await enqueue(conn, _event("task.created", task, headers))
-    return task
+    return task, True
 
 
-async def get_task(conn: AsyncConnection, task_id: uuid.UUID) -> TaskRead:
+async def get_task(
+    conn: AsyncConnection, task_id: uuid.UUID, *, owner: str | None
+) -> TaskRead:
+    """The task, if ``owner`` may see it (None: anyone's); else TaskNotFoundError."""
     row = (
-        await conn.execute(select(*_TASK_COLUMNS).where(Task.id == task_id))
+        await conn.execute(
+            select(*_TASK_COLUMNS).where(Task.id == task_id, _visible_to(owner))
+        )
     ).one_or_none()
     if row is None:
         raise TaskNotFoundError(str(task_id))
@@ -117,7 +220,11 @@ async def get_task(conn: AsyncConnection, task_id: uuid.UUID) -> TaskRead:
 
 
 async def cancel_task(
-    conn: AsyncConnection, task_id: uuid.UUID, headers: Mapping[str, str]
+    conn: AsyncConnection,
+    task_id: uuid.UUID,
+    headers: Mapping[str, str],
+    *,
+    owner: str | None,
 ) -> TaskRead:
     """Mark a task CANCELLED and announce it, unless it already finished.
 
@@ -129,7 +236,9 @@ async def cancel_task(
         # either finishes before us (and we answer 409) or sees CANCELLED.
         current = (
             await conn.execute(
-                select(Task.status).where(Task.id == task_id).with_for_update()
+                select(Task.status)
+                .where(Task.id == task_id, _visible_to(owner))
+                .with_for_update()
             )
         ).scalar_one_or_none()
         if current is None:
@@ -154,6 +263,54 @@ async def cancel_task(
     return task
 
 
+async def retry_task(
+    conn: AsyncConnection,
+    task_id: uuid.UUID,
+    headers: Mapping[str, str],
+    *,
+    owner: str | None,
+) -> TaskRead:
+    """Put a FAILED task back to PENDING with fresh attempts, and announce it.
+
+    The ``task.retry`` row is written in the same transaction, so the task
+    is queued exactly when its status says so. The row lock makes two
+    retries racing each other end in one retry and one 409.
+    """
+    async with conn.begin():
+        current = (
+            await conn.execute(
+                select(Task.status)
+                .where(Task.id == task_id, _visible_to(owner))
+                .with_for_update()
+            )
+        ).scalar_one_or_none()
+        if current is None:
+            raise TaskNotFoundError(str(task_id))
+        if current != TaskStatus.FAILED:
+            raise TaskStateConflictError(
+                f"only a FAILED task can be retried; this one is {current}"
+            )
+
+        row = (
+            await conn.execute(
+                update(Task)
+                .where(Task.id == task_id)
+                .values(
+                    status=TaskStatus.PENDING.value,
+                    attempts=0,
+                    error=None,
+                    started_at=None,
+                    completed_at=None,
+                    updated_at=func.now(),
+                )
+                .returning(*_TASK_COLUMNS)
+            )
+        ).one()
+        task = _read(row)
+        await enqueue(conn, _event("task.retry", task, headers))
+    return task
+
+
 async def list_tasks(
     conn: AsyncConnection,
     filters: TaskFilters,
@@ -161,7 +318,7 @@ async def list_tasks(
     after: tuple[datetime, uuid.UUID] | None,
 ) -> tuple[list[TaskRead], str | None]:
     """Newest first, one page; the cursor is the last row's (created_at, id)."""
-    query: Select[Any] = select(*_TASK_COLUMNS)
+    query: Select[Any] = select(*_TASK_COLUMNS).where(_visible_to(filters.owner))
     if filters.status is not None:
         query = query.where(Task.status == filters.status.value)
     if filters.priority is not None:

@@ -9,6 +9,7 @@ harmless.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +37,18 @@ LEDGER_TABLE_DDL = """
 
 
 def _register(
-    name: str, payload_type: type[Any], *, recorder: Recorder | None = None
+    name: str,
+    payload_type: type[Any],
+    *,
+    recorder: Recorder | None = None,
+    timeout: float | None = None,
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         if name in default_registry:
             return handler
-        return task_type(name, payload_type, recorder=recorder)(handler)
+        return task_type(name, payload_type, recorder=recorder, timeout=timeout)(
+            handler
+        )
 
     return register
 
@@ -102,4 +109,32 @@ async def _record_ledger(
 async def ledger(payload: LedgerPayload, context: TaskContext) -> object:
     """Returns `amount`; its recorder books it in `test_ledger`, exactly once."""
     await asyncio.sleep(payload.delay)
+    return {"amount": payload.amount}
+
+
+#: Time limit of the ``crash`` type: short, so that the stuck-task sweeper
+#: reaches a crashed task within seconds in tests.
+CRASH_TIMEOUT_SECONDS = 1.0
+
+
+@_register("crash", EmptyPayload, timeout=CRASH_TIMEOUT_SECONDS)
+async def crash(payload: EmptyPayload, context: TaskContext) -> object:
+    """Ends the consumer process at once, on every attempt: a crash loop."""
+    os._exit(1)
+
+
+class FlakyLedgerPayload(msgspec.Struct, forbid_unknown_fields=True):
+    amount: int
+    #: Attempt numbers that raise instead of succeeding.
+    fail_attempts: list[int] = msgspec.field(default_factory=list)
+    #: Seconds each attempt works before it succeeds or fails.
+    delay: float = 0.0
+
+
+@_register("flaky_ledger", FlakyLedgerPayload, recorder=_record_ledger)
+async def flaky_ledger(payload: FlakyLedgerPayload, context: TaskContext) -> object:
+    """Fails the attempts in `fail_attempts`; a success books `amount` once."""
+    await asyncio.sleep(payload.delay)
+    if context.attempt in payload.fail_attempts:
+        raise RuntimeError(f"planned failure on attempt {context.attempt}")
     return {"amount": payload.amount}

@@ -1,4 +1,8 @@
-"""The HTTP API in-process against a real PostgreSQL database."""
+"""The HTTP API in-process against a real PostgreSQL database.
+
+Most tests call it as one principal with the default scopes; keys, scopes
+and tenants have their own tests in ``test_auth``.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,16 @@ from litestar.testing import AsyncTestClient
 
 from service.app import create_app
 from service.handlers import checksum_of
-from service.registry import load_registry
 from service.settings import ServiceSettings
 
 
 @pytest.fixture
-async def client(database_url: str) -> AsyncIterator[AsyncTestClient[Any]]:
-    settings = ServiceSettings(database_url=database_url, api_max_body_bytes=64_000)
-    app = create_app(settings, load_registry())
-    async with AsyncTestClient(app) as client:
-        yield client
+async def client(
+    api: AsyncTestClient[Any], alice: dict[str, str]
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The API, called with a key of principal ``alice``."""
+    api.headers.update(alice)
+    yield api
 
 
 async def counts(db: asyncpg.Connection) -> tuple[int, int]:
@@ -250,7 +254,10 @@ async def test_validation_problems_name_the_offending_field(
 
 async def test_database_down_is_503_not_a_hang() -> None:
     settings = ServiceSettings(database_url="postgresql://postgres@127.0.0.1:1/none")
+    # Well-formed, so that checking it needs the database.
+    key = "otk_0123456789abcdef_" + "k" * 43
     async with AsyncTestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {key}"
         ready = await client.get("/health/ready")
         live = await client.get("/health/live")
         post = await client.post("/api/v1/tasks", json={"title": "t"})
@@ -273,13 +280,25 @@ async def test_openapi_describes_every_route_body_and_error(
         "/api/v1/tasks",
         "/api/v1/tasks/{task_id}",
         "/api/v1/tasks/{task_id}/status",
+        "/api/v1/tasks/{task_id}/retry",
         "/api/v1/task-types",
         "/health/live",
         "/health/ready",
+        "/metrics",
     } <= set(paths)
     create = paths["/api/v1/tasks"]["post"]
     assert "requestBody" in create
-    assert {"201", "400", "413", "422", "500"} <= set(create["responses"])
+    assert {"201", "400", "401", "403", "413", "422", "429", "500"} <= set(
+        create["responses"]
+    )
+    assert "Idempotency-Key" in {p["name"] for p in create["parameters"]}
+    assert document["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    for path, operations in paths.items():
+        for operation in operations.values():
+            secured = path.startswith("/api/v1/")
+            assert ("security" in operation) == secured, path
+            if secured:
+                assert {"401", "403", "429"} <= set(operation["responses"]), path
     problem = create["responses"]["422"]["content"]
     assert "application/problem+json" in problem
     assert {"404", "409"} <= set(

@@ -56,3 +56,25 @@ async def test_downgrade_to_base_and_upgrade_again(
         )
     }
     assert {"tasks", "outbox", "inbox"} <= tables
+
+
+async def test_tasks_from_before_api_keys_belong_to_the_legacy_principal(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logger"] = False
+    await asyncio.to_thread(command.downgrade, config, "0001")
+    await db.execute(
+        "INSERT INTO tasks (id, title, type, payload, priority, status, max_attempts)"
+        " VALUES (gen_random_uuid(), 'old', 'checksum', '{}', 'LOW', 'NEW', 1)"
+    )
+
+    await asyncio.to_thread(upgrade_to_head, database_url)
+
+    assert await db.fetchval("SELECT owner FROM tasks") == "legacy"
+    tables = await db.fetch(
+        "SELECT tablename FROM pg_tables WHERE tablename IN"
+        " ('api_keys', 'idempotency_keys')"
+    )
+    assert len(tables) == 2

@@ -27,7 +27,8 @@ class ProcessGroup:
     env: dict[str, str]
     log_dir: Path
     api_port: int
-    #: Sent with every request of ``api_client()``.
+    #: Sent with every request of ``api_client()``; holds an admin key once
+    #: the first client was made (see ``authorize``).
     api_headers: dict[str, str] = field(default_factory=dict)
     running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _starts: dict[str, int] = field(default_factory=dict)
@@ -38,9 +39,34 @@ class ProcessGroup:
 
     def api_client(self) -> httpx.AsyncClient:
         """An HTTP client for the running API, with the test's credentials."""
+        if "Authorization" not in self.api_headers:
+            self.authorize()
         return httpx.AsyncClient(
             base_url=self.api_url, headers=self.api_headers, timeout=30
         )
+
+    def create_api_key(self, name: str, *scopes: str) -> str:
+        """A new key from the real CLI, in the test's database."""
+        command = [sys.executable, "-m", "service", "api-keys", "create", name]
+        for scope in scopes:
+            command += ["--scope", scope]
+        done = subprocess.run(
+            command,
+            cwd=self.log_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"api-keys create failed:\n{done.stderr}")
+        return done.stdout.strip()
+
+    def authorize(self, name: str = "e2e", *scopes: str) -> None:
+        """Send a key of principal ``name`` (admin by default) from now on."""
+        key = self.create_api_key(name, *(scopes or ("admin",)))
+        self.api_headers["Authorization"] = f"Bearer {key}"
 
     def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
         """Start ``name`` (api, relay or consumer, or e.g. consumer-2)."""
@@ -115,7 +141,9 @@ def base_env(
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("DATABASE_", "AMQP_", "API_", "RELAY_", "CONSUMER_"))
+        if not key.startswith(
+            ("DATABASE_", "AMQP_", "API_", "RELAY_", "CONSUMER_", "RATE_LIMIT_")
+        )
     }
     env.update(
         DATABASE_URL=database_url,
@@ -130,5 +158,7 @@ def base_env(
         RELAY_POLL_INTERVAL="0.5",
         RETRY_BACKOFF_BASE_SECONDS="0.05",
         RETRY_BACKOFF_MAX_SECONDS="0.5",
+        # Tests send bursts far beyond any sane per-principal rate.
+        API_RATE_LIMIT_PER_MINUTE="0",
     )
     return env

@@ -48,6 +48,9 @@ def test_fields_are_read_from_upper_case_variables() -> None:
         {"CONSUMER_CANCEL_POLL_INTERVAL": "0"},
         {"CONSUMER_SHUTDOWN_GRACE_SECONDS": "-1"},
         {"RETRY_BACKOFF_BASE_SECONDS": "-0.5"},
+        {"TASK_TIME_LIMIT_SECONDS": "0"},
+        {"TASK_TIME_LIMIT_GRACE_SECONDS": "-1"},
+        {"TASK_SWEEP_INTERVAL_SECONDS": "0"},
     ],
 )
 def test_invalid_values_are_refused_at_start_up(environ: dict[str, str]) -> None:

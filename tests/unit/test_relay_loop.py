@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from outbox_relay.errors import (
     BrokerUnavailableError,
+    ChannelClosedByBrokerError,
     DatabaseUnavailableError,
     PublishError,
 )
@@ -109,6 +110,10 @@ class FakePublisher:
 
     @property
     def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    @property
+    def is_connected(self) -> bool:
         return self.ready.is_set()
 
     async def wait_ready(self) -> None:
@@ -289,3 +294,43 @@ async def test_stop_lets_the_batch_in_flight_finish() -> None:
 
     assert store.published == [1, 2]
     assert publisher.closed
+
+
+class ChannelClosingPublisher(FakePublisher):
+    """Like a broker that closes the channel over row ``poison``: every row
+    published together with it fails the same way."""
+
+    def __init__(self, poison: int) -> None:
+        super().__init__(lambda row: None)
+        self.poison = poison
+
+    async def publish_batch(self, rows: Sequence[OutboxRow]) -> BatchOutcome:
+        if all(row.id != self.poison for row in rows):
+            return await super().publish_batch(rows)
+        self.batches.append([row.id for row in rows])
+        outcome = BatchOutcome()
+        for row in rows:
+            outcome.suspect[row.id] = ChannelClosedByBrokerError(
+                "the broker closed the channel: PRECONDITION_FAILED"
+            )
+        return outcome
+
+
+async def test_a_row_that_closes_the_channel_is_found_alone_and_blamed_alone() -> None:
+    store = FakeStore(make_rows(1, 2, 3, 4, 5))
+    publisher = ChannelClosingPublisher(poison=3)
+    relay = OutboxRelay(settings(), store=store, publisher=publisher)  # type: ignore[arg-type]
+
+    with capture_logs() as logs:
+        async with running(relay):
+            await until(lambda: len(store.published) == 4 and len(store.failed) == 1)
+
+    assert sorted(store.published) == [1, 2, 4, 5]
+    [failure] = store.failed
+    assert failure.id == 3
+    assert "closed the channel" in failure.error
+    # The whole batch first, released uncounted; then each suspect alone.
+    assert publisher.batches == [[1, 2, 3, 4, 5], [1], [2], [3], [4], [5]]
+    assert store.released == [1, 2, 3, 4, 5]
+    assert len([e for e in logs if e["event"] == "outbox_channel_closed"]) == 1
+    assert dependency_events(logs, "broker") == []

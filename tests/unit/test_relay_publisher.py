@@ -51,3 +51,18 @@ def test_headers_that_are_not_an_object_fail_the_row(headers: str) -> None:
 
 def test_exchange_name_starts_with_the_prefix() -> None:
     assert events_exchange_name("tasks") == "tasks.events"
+
+
+def test_a_body_over_the_limit_fails_the_row_before_it_is_sent() -> None:
+    body = '{"text": "' + "x" * 100 + '"}'
+
+    assert build_message(row(body=body), max_body_bytes=len(body)).body
+    with pytest.raises(PublishError, match=r"oversize.*RELAY_MAX_MESSAGE_BYTES"):
+        build_message(row(body=body), max_body_bytes=len(body) - 1)
+
+
+def test_headers_too_large_for_one_frame_fail_the_row() -> None:
+    headers = '{"big": "' + "x" * (64 * 1024) + '"}'
+
+    with pytest.raises(PublishError, match="headers"):
+        build_message(row(headers=headers))

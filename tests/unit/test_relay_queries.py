@@ -16,6 +16,8 @@ NAMED_QUERIES = (
     "NEXT_AVAILABLE_AT",
     "LAG_BY_ROUTING_KEY",
     "LAG_TOTALS",
+    "REPLAY_DEAD",
+    "NOTIFY_RELAYS",
     "PING",
 )
 
