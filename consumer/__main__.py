@@ -7,6 +7,7 @@ redelivered to another consumer.
 
 ``python -m consumer dead-letters list`` shows what sits in the dead-letter
 queue and why; ``dead-letters replay`` publishes chosen messages again.
+``python -m consumer status`` shows the inbox's throughput over the last hour.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import datetime
 import click
 import msgspec
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from consumer.consumer import TaskConsumer
 from consumer.dead_letter_queue import (
@@ -27,7 +29,9 @@ from consumer.dead_letter_queue import (
     list_dead_letters,
     replay_dead_letters,
 )
+from consumer.retention import inbox_retention
 from consumer.settings import ConsumerSettings
+from consumer.status import format_throughput, read_throughput
 from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.errors import SettingsError
 from outbox_relay.health import serve_health
@@ -47,6 +51,9 @@ async def _serve(settings: ConsumerSettings, registry: HandlerRegistry) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     consumer = TaskConsumer(settings, registry)
+    retention = inbox_retention(settings)
+    if retention is not None:
+        retention.start()
     health = asyncio.create_task(
         serve_health(
             "consumer",
@@ -64,6 +71,8 @@ async def _serve(settings: ConsumerSettings, registry: HandlerRegistry) -> None:
         await consumer.run(stop)
     finally:
         stop.set()
+        if retention is not None:
+            await retention.stop()
         await health
 
 
@@ -97,6 +106,24 @@ def run() -> None:
     except Exception:
         logger.exception("consumer_crashed")
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(as_json: bool) -> None:
+    """Show messages processed per minute of the last hour (inbox_throughput)."""
+    settings = _load()
+    try:
+        throughput = asyncio.run(read_throughput(settings.database_url))
+    except (OSError, SQLAlchemyError) as exc:
+        # The driver's own message, without SQLAlchemy's statement and links.
+        reason = getattr(exc, "orig", None) or exc
+        raise click.ClickException(f"cannot read the inbox: {reason}") from exc
+
+    if as_json:
+        click.echo(msgspec.json.encode(throughput).decode())
+    else:
+        click.echo(format_throughput(throughput))
 
 
 @main.group("dead-letters")

@@ -17,6 +17,10 @@ returned, that is after its outcome committed:
 Alongside the deliveries run the cancellation watcher and the stuck-task
 sweeper (see :mod:`consumer.sweeper`).
 
+Each delivery runs in a span that continues the trace its headers carry (see
+:mod:`service.tracing`); its log lines carry the message id, request id, task
+id and trace id.
+
 A delivery whose channel has closed (the robust connection reconnected in
 between) is never settled on the new channel, where its delivery tag would
 name a different message; the broker redelivers it instead, and the inbox
@@ -35,8 +39,11 @@ import aiormq.exceptions
 import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from consumer import metrics
 from consumer.cancellation import CancellationWatcher
 from consumer.dead_letters import DeadLetterError, DeadLetterPublisher
 from consumer.errors import (
@@ -52,6 +59,12 @@ from consumer.sweeper import StuckTaskSweeper
 from consumer.topology import TopologyNames, declare_topology
 from outbox_relay.config import sqlalchemy_url
 from service.registry import HandlerRegistry
+from service.tracing import (
+    create_tracer_provider,
+    current_trace_id,
+    extract_context,
+    tracing_exported,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -70,12 +83,28 @@ class TaskConsumer:
     """Consumes ``{prefix}.tasks`` until ``stop`` is set.
 
     Run it in-process with ``await TaskConsumer(settings, registry).run(stop)``;
-    ``ready`` is set once the subscription is active.
+    ``ready`` is set once the subscription is active. Spans go to
+    ``tracer_provider`` if given, otherwise to a provider of the consumer's
+    own that it shuts down when it stops.
     """
 
-    def __init__(self, settings: ConsumerSettings, registry: HandlerRegistry) -> None:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        registry: HandlerRegistry,
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self._settings = settings
         self._registry = registry
+        self._own_tracer_provider = tracer_provider is None
+        self._tracer_provider = tracer_provider or create_tracer_provider(
+            "outbox-tasks-consumer",
+            export=tracing_exported(
+                settings.otel_enabled, settings.otel_exporter_otlp_endpoint
+            ),
+        )
+        self._tracer = self._tracer_provider.get_tracer(__name__)
         self._names = TopologyNames.for_prefix(settings.amqp_prefix)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._accepting = False
@@ -128,6 +157,9 @@ class TaskConsumer:
                 await connection.close()
         finally:
             await engine.dispose()
+            if self._own_tracer_provider:
+                # Flushes spans the exporter still holds; blocks briefly.
+                await asyncio.to_thread(self._tracer_provider.shutdown)
             logger.info("consumer_stopped")
 
     async def _connect(self) -> AbstractRobustConnection | None:
@@ -261,10 +293,31 @@ class TaskConsumer:
             message_id=delivery.message_id, request_id=delivery.request_id
         )
 
+        # The span continues the trace of the message's headers, or starts
+        # one for a message without them; follow-up messages carry it on.
+        with self._tracer.start_as_current_span(
+            f"{delivery.routing_key or 'message'} process",
+            context=extract_context(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": self._names.tasks_queue,
+                "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+                "messaging.message.id": delivery.message_id or "",
+            },
+        ):
+            structlog.contextvars.bind_contextvars(trace_id=current_trace_id())
+            await self._process(message, delivery)
+
+    async def _process(
+        self, message: AbstractIncomingMessage, delivery: Delivery
+    ) -> None:
+        assert self._processor is not None
         try:
             await self._processor.process(delivery)
         except UnprocessableMessageError as exc:
-            await self._dead_letter(message, delivery, exc.reason)
+            await self._dead_letter(message, delivery, exc)
             return
         except DatabaseUnavailableError as exc:
             # Only raised once shutdown began during an outage: the message
@@ -282,7 +335,10 @@ class TaskConsumer:
         await self._settle(message, "ack")
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, delivery: Delivery, reason: str
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        error: UnprocessableMessageError,
     ) -> None:
         """Dead-letter with the reason attached; ack only once that is confirmed.
 
@@ -296,6 +352,8 @@ class TaskConsumer:
             logger.warning("message_settle_skipped", action="dead-letter")
             return
 
+        reason = error.reason
+        metrics.DEAD_LETTERED.labels(reason=error.kind).inc()
         try:
             await self._dead_letters.publish(message, delivery.routing_key, reason)
         except DeadLetterError as exc:

@@ -24,11 +24,15 @@ class UnprocessableMessageError(ConsumerError):
     """No delivery of this message can ever succeed; it is dead-lettered.
 
     ``reason`` is a short, stable phrase for logs; it never contains the body.
+    ``kind`` names the reason in one word from a fixed set (``not_json``,
+    ``invalid_body``, ``no_message_id``, ``unknown_type``,
+    ``task_not_found``), fit for a metric label.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, kind: str = "unprocessable") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 class DatabaseUnavailableError(ConsumerError):

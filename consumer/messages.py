@@ -25,7 +25,7 @@ TASK_FAILED = "task.failed"
 
 #: Headers copied from a work message onto every message it causes, so a trace
 #: and a request id follow a task through retries and lifecycle events.
-PROPAGATED_HEADERS = ("traceparent", "x-request-id")
+PROPAGATED_HEADERS = ("traceparent", "tracestate", "x-request-id")
 
 #: Header in which quorum queues count earlier deliveries of a message.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
@@ -76,14 +76,18 @@ def decode_task_message(delivery: Delivery) -> TaskMessage:
     The reason names what is wrong, never the body's content.
     """
     if not delivery.message_id:
-        raise UnprocessableMessageError("message has no message_id")
+        raise UnprocessableMessageError(
+            "message has no message_id", kind="no_message_id"
+        )
 
     try:
         return _decoder.decode(delivery.body)
     except msgspec.ValidationError as exc:
-        raise UnprocessableMessageError(f"invalid body: {exc}") from exc
+        raise UnprocessableMessageError(
+            f"invalid body: {exc}", kind="invalid_body"
+        ) from exc
     except msgspec.DecodeError as exc:
-        raise UnprocessableMessageError("body is not JSON") from exc
+        raise UnprocessableMessageError("body is not JSON", kind="not_json") from exc
 
 
 def lifecycle_event(

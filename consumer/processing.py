@@ -33,7 +33,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -41,7 +41,7 @@ import structlog
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from consumer import queries
+from consumer import metrics, queries
 from consumer.cancellation import CancellationWatcher
 from consumer.errors import (
     ConsumerError,
@@ -70,6 +70,7 @@ from service.registry import (
     TaskContext,
     TaskType,
 )
+from service.tracing import current_trace_headers
 
 logger = structlog.get_logger(__name__)
 
@@ -95,11 +96,29 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
 
 
+#: Outcomes in which this delivery gave the task its terminal status, with
+#: that status, for the end-to-end latency.
+_TERMINAL_OUTCOMES = {
+    Outcome.COMPLETED: TaskStatus.COMPLETED.value,
+    Outcome.FAILED: TaskStatus.FAILED.value,
+}
+
+
 @dataclass(frozen=True)
 class _Claim:
     task_type: TaskType[Any]
     payload: Any
     context: TaskContext
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """A claim that ended the delivery without running the handler."""
+
+    outcome: Outcome
+    #: The task's creation time, when the claim reached the task.
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -178,14 +197,25 @@ class MessageProcessor:
             outcome = await self._outage.retry(
                 lambda: self._record(delivery, claimed, result)
             )
+            created_at: datetime | None = claimed.created_at
         else:
-            outcome = claimed
+            outcome = claimed.outcome
+            created_at = claimed.created_at
             result = None
 
         duration_ms = round((time.perf_counter() - started) * 1000, 1)
         if outcome is Outcome.DUPLICATE:
+            metrics.DUPLICATES.inc()
             logger.info("message_duplicate", duration_ms=duration_ms)
             return outcome
+
+        metrics.PROCESSED.labels(outcome=outcome.value).inc()
+        terminal = _TERMINAL_OUTCOMES.get(outcome)
+        if terminal is not None and created_at is not None:
+            # The database's clock wrote created_at: a little skew against
+            # ours must not make the latency negative.
+            age = (datetime.now(UTC) - created_at).total_seconds()
+            metrics.END_TO_END.labels(status=terminal).observe(max(age, 0.0))
 
         log = {
             Outcome.FAILED: logger.error,
@@ -206,32 +236,34 @@ class MessageProcessor:
         try:
             return self._registry.get(name)
         except UnknownTaskTypeError as exc:
-            raise UnprocessableMessageError(f"unknown task type {name!r}") from exc
+            raise UnprocessableMessageError(
+                f"unknown task type {name!r}", kind="unknown_type"
+            ) from exc
 
     async def _claim(
         self, delivery: Delivery, message: TaskMessage
-    ) -> _Claim | Outcome:
+    ) -> _Claim | _Settled:
         """Step 1: mark the task IN_PROGRESS and count the attempt."""
         async with self._transaction() as conn:
             seen = await conn.execute(
                 queries.INBOX_CONTAINS, {"message_id": delivery.message_id}
             )
             if seen.first() is not None:
-                return Outcome.DUPLICATE
+                return _Settled(Outcome.DUPLICATE)
 
             task = await self._lock_task(conn, message.task_id)
             if task["status"] in TERMINAL_STATUSES:
                 # The late message is consumed for good: recording it means a
                 # redelivery is recognised without even locking the task.
                 await self._record_inbox(conn, delivery)
-                return Outcome.ALREADY_FINISHED
+                return _Settled(Outcome.ALREADY_FINISHED)
 
             if (
                 task["status"] == TaskStatus.IN_PROGRESS
                 and task["attempts"] >= task["max_attempts"]
             ):
                 await self._fail_interrupted(conn, delivery, task)
-                return Outcome.FAILED
+                return _Settled(Outcome.FAILED, created_at=task["created_at"])
 
             # The row, not the message, decides which handler runs.
             task_type = self._task_type(task["type"])
@@ -247,7 +279,12 @@ class MessageProcessor:
             max_attempts=task["max_attempts"],
             cancelled=asyncio.Event(),
         )
-        return _Claim(task_type=task_type, payload=task["payload"], context=context)
+        return _Claim(
+            task_type=task_type,
+            payload=task["payload"],
+            context=context,
+            created_at=task["created_at"],
+        )
 
     async def _fail_interrupted(
         self, conn: AsyncConnection, delivery: Delivery, task: RowMapping
@@ -277,7 +314,7 @@ class MessageProcessor:
                 task_type=task["type"],
                 status=TaskStatus.FAILED,
                 attempts=attempts,
-                headers=delivery.propagated_headers(),
+                headers=follow_up_headers(delivery),
             ),
         )
 
@@ -291,6 +328,8 @@ class MessageProcessor:
             name=f"handler:{context.task_id}",
         )
 
+        started = time.perf_counter()
+        duration = metrics.HANDLER_DURATION.labels(task_type=context.task_type)
         with self._watcher.watch(context.task_id, context.cancelled, handler):
             try:
                 value = await handler
@@ -301,9 +340,12 @@ class MessageProcessor:
                     # recorded and the unacknowledged message is redelivered.
                     await self._release(context)
                     raise
+                duration.observe(time.perf_counter() - started)
                 return _Raised(exc)
             except Exception as exc:
+                duration.observe(time.perf_counter() - started)
                 return _Raised(exc)
+        duration.observe(time.perf_counter() - started)
 
         try:
             return _Succeeded(msgspec.to_builtins(value))
@@ -351,7 +393,7 @@ class MessageProcessor:
         self, delivery: Delivery, claim: _Claim, result: _Succeeded | _Raised
     ) -> Outcome:
         context = claim.context
-        headers = delivery.propagated_headers()
+        headers = follow_up_headers(delivery)
 
         async with self._transaction() as conn:
             task = await self._lock_task(conn, context.task_id)
@@ -433,7 +475,7 @@ class MessageProcessor:
         result = await conn.execute(queries.LOCK_TASK, {"task_id": task_id})
         task = result.mappings().first()
         if task is None:
-            raise UnprocessableMessageError("task not found")
+            raise UnprocessableMessageError("task not found", kind="task_not_found")
         return task
 
     async def _record_inbox(self, conn: AsyncConnection, delivery: Delivery) -> bool:
@@ -456,6 +498,13 @@ class MessageProcessor:
             if is_transient_database_error(exc):
                 raise DatabaseUnavailableError(_describe(exc)) from exc
             raise
+
+
+def follow_up_headers(delivery: Delivery) -> dict[str, str]:
+    """Headers of the messages a delivery writes: its request id, and the trace
+    context of the consumer's span for it (a child of the message's own), or
+    the message's trace headers as they came when no span is current."""
+    return {**delivery.propagated_headers(), **current_trace_headers()}
 
 
 async def run_handler(

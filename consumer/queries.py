@@ -23,10 +23,12 @@ INBOX_CONTAINS = text(
 )
 
 #: The task as the attempt needs it, locked until the transaction ends, with
-#: the database's clock (``now``) so retry times do not depend on ours.
+#: the database's clock (``now``) so retry times do not depend on ours, and
+#: ``created_at`` for the end-to-end latency of the task.
 LOCK_TASK = text(
     """
-    SELECT id, type, payload, status, attempts, max_attempts, now() AS now
+    SELECT id, type, payload, status, attempts, max_attempts, created_at,
+           now() AS now
       FROM tasks
      WHERE id = :task_id
        FOR UPDATE
@@ -117,8 +119,10 @@ RELEASE_ATTEMPT = text(
 #: In the same statement, each stuck task is either retried (PENDING plus a
 #: ``task.retry`` outbox row, due at once) while attempts remain, or failed
 #: (FAILED plus a ``task.failed`` event). The outbox rows carry the same bodies
-#: the consumer writes through ``enqueue``; headers are empty, since the
-#: delivery that carried the trace is gone. ``FOR UPDATE SKIP LOCKED`` lets
+#: the consumer writes through ``enqueue``; their headers are the task's
+#: ``trace_headers`` (the request id and trace context of the request that
+#: created or last retried it), since no delivery is at hand to copy them
+#: from. ``FOR UPDATE SKIP LOCKED`` lets
 #: every consumer sweep at once, each taking different tasks and none waiting
 #: on a task a delivery is recording. At most ``:batch_size`` tasks per sweep,
 #: oldest first. Returns each swept task with its new status.
@@ -153,17 +157,18 @@ SWEEP_STUCK_TASKS = text(
                updated_at = now()
           FROM stuck AS s
          WHERE t.id = s.id
-        RETURNING t.id, t.type, t.status, t.attempts
+        RETURNING t.id, t.type, t.status, t.attempts, t.trace_headers
     ),
     events AS (
-        INSERT INTO outbox (routing_key, body, correlation_id)
+        INSERT INTO outbox (routing_key, body, correlation_id, headers)
         SELECT CASE WHEN status = 'FAILED' THEN 'task.failed' ELSE 'task.retry' END,
                CASE WHEN status = 'FAILED'
                     THEN jsonb_build_object('task_id', id::text, 'type', type,
                                             'status', status, 'attempts', attempts)
                     ELSE jsonb_build_object('task_id', id::text, 'type', type)
                END,
-               id::text
+               id::text,
+               trace_headers
           FROM swept
         RETURNING id
     )
@@ -187,6 +192,15 @@ CANCELLED_AMONG = text(
     """
 ).bindparams(bindparam("task_ids", type_=ARRAY(Uuid())))
 
+#: Messages whose effect was committed, per minute of the last hour, newest
+#: first, from the ``inbox_throughput`` view (a range scan of
+#: ``ix_inbox_processed_at``), for ``python -m consumer status``.
+INBOX_THROUGHPUT = text(
+    """
+    SELECT minute, processed, per_second FROM inbox_throughput
+    """
+)
+
 #: Every statement above by name, for the test that prepares each one against
 #: the migrated schema.
 ALL: dict[str, TextClause] = {
@@ -200,4 +214,5 @@ ALL: dict[str, TextClause] = {
     "RELEASE_ATTEMPT": RELEASE_ATTEMPT,
     "SWEEP_STUCK_TASKS": SWEEP_STUCK_TASKS,
     "CANCELLED_AMONG": CANCELLED_AMONG,
+    "INBOX_THROUGHPUT": INBOX_THROUGHPUT,
 }

@@ -1,15 +1,32 @@
-"""Inbox clean-up: the statement the consumer's retention job runs.
+"""Inbox clean-up: the statement and schedule of the consumer's retention job.
 
-An inbox row only has to outlive every possible redelivery of its message.
-Deliveries come from the queue (un-acked messages come back within the
-consumer's shutdown grace or a connection timeout), from a scheduled retry
-(at most ``RETRY_BACKOFF_MAX_SECONDS`` later) and from a dead-letter replay,
-which an operator runs by hand; the default retention leaves weeks for that.
-Even past it, a late message cannot apply a task twice: the consumer never
-changes a task in a terminal status.
+An inbox row is what makes a second delivery of its message harmless, so it
+has to outlive every possible delivery of that message id:
+
+* redeliveries from the queue (a consumer died or shut down with the message
+  un-acked) come within seconds to minutes;
+* a second publication by the relay (it died after the broker's confirm but
+  before marking the row) comes once the claim's lease runs out, or once the
+  database is back if it was down;
+* a dead letter is replayed by an operator, whenever they get to it.
+
+``INBOX_RETENTION_HOURS`` (default 30 days) leaves weeks for the last. A
+message that arrives after its inbox row is gone is treated as new: for a
+task in a terminal status that changes nothing (terminal statuses are final),
+but a stale work message for a task that is waiting for a retry would run an
+extra attempt. Keep the retention well beyond any outage or dead-letter
+backlog you could have. The job runs in every consumer, one at a time (an
+advisory lock), every ``RETENTION_INTERVAL_SECONDS``.
 """
 
 from __future__ import annotations
+
+from consumer.settings import ConsumerSettings
+from outbox_relay.retention import (
+    INBOX_RETENTION_LOCK,
+    RetentionJob,
+    RetentionSchedule,
+)
 
 #: Delete up to ``$2`` inbox rows processed more than ``$1`` seconds ago.
 DELETE_OLD_INBOX = """
@@ -23,3 +40,17 @@ DELETE FROM inbox
            FOR UPDATE SKIP LOCKED
        )
 """
+
+
+def inbox_retention(settings: ConsumerSettings) -> RetentionSchedule | None:
+    """The schedule that deletes old inbox rows; None when it is turned off."""
+    if settings.retention_interval_seconds == 0 or settings.inbox_retention_hours == 0:
+        return None
+    job = RetentionJob(
+        name="inbox",
+        database_url=settings.database_url,
+        statement=DELETE_OLD_INBOX,
+        retention_seconds=settings.inbox_retention_hours * 3600,
+        lock_key=INBOX_RETENTION_LOCK,
+    )
+    return RetentionSchedule([job], settings.retention_interval_seconds)

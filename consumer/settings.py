@@ -42,6 +42,19 @@ class ConsumerSettings(msgspec.Struct, kw_only=True):
     task_time_limit_grace_seconds: float = 60.0
     #: Seconds between two sweeps for stuck tasks.
     task_sweep_interval_seconds: float = 30.0
+    #: Hours an inbox row is kept before the retention job deletes it; 0
+    #: keeps them for ever. It must outlast every redelivery of the message
+    #: the row stands for (see ``consumer.retention``).
+    inbox_retention_hours: float = 720.0
+    #: Seconds between two runs of the retention job; 0 runs none. With
+    #: several consumers, one of them cleans at a time (an advisory lock).
+    retention_interval_seconds: float = 300.0
+    #: Export the consumer's spans over OTLP (see ``service.tracing``); also on
+    #: whenever ``otel_exporter_otlp_endpoint`` is set.
+    otel_enabled: bool = False
+    #: The standard OpenTelemetry variable; the exporter reads it (and the
+    #: other ``OTEL_EXPORTER_OTLP_*`` variables) itself.
+    otel_exporter_otlp_endpoint: str = ""
     #: Interface of the health and metrics server (/health/live, /health/ready,
     #: /metrics).
     consumer_health_host: str = "127.0.0.1"
@@ -69,6 +82,16 @@ class ConsumerSettings(msgspec.Struct, kw_only=True):
             raise ValueError("task_time_limit_grace_seconds must not be negative")
         if self.task_sweep_interval_seconds <= 0:
             raise ValueError("task_sweep_interval_seconds must be positive")
+        if self.retention_interval_seconds < 0:
+            raise ValueError("retention_interval_seconds must not be negative")
+        if self.inbox_retention_hours < 0:
+            raise ValueError("inbox_retention_hours must not be negative")
+        # Inbox rows must outlive every redelivery; a retention shorter than
+        # one retry back-off is certainly a mistake (hours taken for seconds).
+        if 0 < self.inbox_retention_hours * 3600 <= self.retry_backoff_max_seconds:
+            raise ValueError(
+                "inbox_retention_hours must be longer than retry_backoff_max_seconds"
+            )
 
     def __repr__(self) -> str:
         return (

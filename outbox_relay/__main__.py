@@ -20,8 +20,15 @@ from outbox_relay.errors import RelayError, SettingsError
 from outbox_relay.health import serve_health
 from outbox_relay.logs import configure_logging
 from outbox_relay.relay import OutboxRelay
+from outbox_relay.retention import (
+    DELETE_PUBLISHED_OUTBOX,
+    OUTBOX_RETENTION_LOCK,
+    RetentionJob,
+    RetentionSchedule,
+)
 from outbox_relay.settings import RelaySettings
-from outbox_relay.store import OutboxLag, read_lag, replay_dead
+from outbox_relay.status import format_lag, read_lag
+from outbox_relay.store import replay_dead
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +79,9 @@ async def _serve(settings: RelaySettings) -> None:
         loop.add_signal_handler(signum, request_stop, signum)
 
     relay = OutboxRelay(settings)
+    retention = outbox_retention(settings)
+    if retention is not None:
+        retention.start()
     health = asyncio.create_task(
         serve_health(
             "outbox_relay",
@@ -89,15 +99,36 @@ async def _serve(settings: RelaySettings) -> None:
         await relay.run(stop)
     finally:
         stop.set()
+        if retention is not None:
+            await retention.stop()
         await health
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
 
+def outbox_retention(settings: RelaySettings) -> RetentionSchedule | None:
+    """The schedule that deletes old published rows; None when it is turned off."""
+    if settings.retention_interval_seconds == 0 or settings.outbox_retention_hours == 0:
+        return None
+    job = RetentionJob(
+        name="outbox",
+        database_url=settings.database_url,
+        statement=DELETE_PUBLISHED_OUTBOX,
+        retention_seconds=settings.outbox_retention_hours * 3600,
+        lock_key=OUTBOX_RETENTION_LOCK,
+    )
+    return RetentionSchedule([job], settings.retention_interval_seconds)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(as_json: bool) -> None:
-    """Show unpublished rows per routing key, parked rows and recent throughput."""
+    """Show the backlog per routing key, publish latency and parked rows.
+
+    The same figures as the views outbox_lag, outbox_publish_latency and
+    outbox_dead. Inbox throughput is the consumer's business: see
+    `python -m consumer status`.
+    """
     settings = _settings()
     try:
         lag = asyncio.run(read_lag(settings.database_url))
@@ -107,7 +138,7 @@ def status(as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.encode(lag).decode())
     else:
-        click.echo(_lag_table(lag))
+        click.echo(format_lag(lag))
 
 
 @main.command("replay-dead")
@@ -140,48 +171,6 @@ def replay_dead_command(replay_all: bool, ids: tuple[int, ...]) -> None:
 
 def _id_list(ids: list[int]) -> str:
     return ", ".join(str(row_id) for row_id in ids) or "none"
-
-
-def _lag_table(lag: OutboxLag) -> str:
-    header = ("routing key", "pending", "due", "oldest")
-    rows = [
-        (
-            key.routing_key,
-            str(key.pending),
-            str(key.due),
-            _format_age(key.oldest_age_seconds),
-        )
-        for key in lag.routing_keys
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-
-    def line(cells: tuple[str, str, str, str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (
-            cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)
-        )
-        return "  ".join([first, *rest])
-
-    lines = [line(header), *(line(row) for row in rows)]
-    if not rows:
-        lines.append("(nothing pending)")
-    lines.append("")
-    lines.append(
-        f"pending {lag.pending}, dead {lag.dead}, "
-        f"published in the last minute {lag.published_last_minute}"
-    )
-    return "\n".join(lines)
-
-
-def _format_age(seconds: float) -> str:
-    whole = int(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{seconds:.1f}s"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,16 @@ class SettingsError(RelayError):
 
 
 class PublishError(RelayError):
-    """The broker did not confirm a message: refused, returned or timed out."""
+    """The broker did not confirm a message: refused, returned or timed out.
+
+    ``reason`` is one word from a small fixed set (``returned``, ``nacked``,
+    ``timeout``, ``oversize``, ``invalid_headers``, ``channel_closed``), fit
+    for a metric label; the message says the rest.
+    """
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ChannelClosedByBrokerError(PublishError):
@@ -19,6 +28,9 @@ class ChannelClosedByBrokerError(PublishError):
     Possibly because of this message, possibly because of another one on the
     same channel; only publishing it alone tells which.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="channel_closed")
 
 
 class BrokerUnavailableError(RelayError):

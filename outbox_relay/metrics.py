@@ -1,4 +1,11 @@
-"""Prometheus metrics of the relay (served on RELAY_HEALTH_PORT at /metrics)."""
+"""Prometheus metrics of the relay (served on RELAY_HEALTH_PORT at /metrics).
+
+Counters are exposed with the ``_total`` suffix Prometheus adds. The relay
+counts a batch once its outcome is written to the outbox (see
+:meth:`outbox_relay.relay.OutboxRelay._settle`); the two gauges are sampled
+every ``RELAY_LAG_SAMPLE_SECONDS`` by every relay, so aggregate them with
+``max``.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ RETURNED = Counter(
 )
 FAILED = Counter(
     "outbox_relay_publish_failures",
-    "Failed publications of a row, by reason (returned, nacked, timeout, ...).",
+    "Failed publications of a row, by reason (returned, nacked, timeout,"
+    " oversize, invalid_headers, channel_closed).",
     ["reason"],
 )
 DEAD = Counter(

@@ -100,18 +100,22 @@ def build_message(
     """
     if len(row.headers) > MAX_HEADERS_BYTES:
         raise PublishError(
-            f"headers of {len(row.headers)} bytes are over {MAX_HEADERS_BYTES}"
+            f"headers of {len(row.headers)} bytes are over {MAX_HEADERS_BYTES}",
+            reason="invalid_headers",
         )
     try:
         headers = _HEADERS.decode(row.headers)
     except msgspec.DecodeError as exc:
-        raise PublishError(f"headers are not a JSON object: {exc}") from exc
+        raise PublishError(
+            f"headers are not a JSON object: {exc}", reason="invalid_headers"
+        ) from exc
 
     body = row.body.encode()
     if max_body_bytes is not None and len(body) > max_body_bytes:
         raise PublishError(
             f"oversize: body of {len(body)} bytes is over"
-            f" RELAY_MAX_MESSAGE_BYTES ({max_body_bytes})"
+            f" RELAY_MAX_MESSAGE_BYTES ({max_body_bytes})",
+            reason="oversize",
         )
 
     return aio_pika.Message(
@@ -285,9 +289,13 @@ class OutboxPublisher:
                 timeout=self._publish_timeout,
             )
         except aio_pika.exceptions.PublishError as exc:
-            return PublishError(f"unroutable: returned by the broker ({exc})")
+            return PublishError(
+                f"unroutable: returned by the broker ({exc})", reason="returned"
+            )
         except aio_pika.exceptions.DeliveryError as exc:
-            return PublishError(f"refused: the broker nacked it ({exc})")
+            return PublishError(
+                f"refused: the broker nacked it ({exc})", reason="nacked"
+            )
         except aiormq.exceptions.ChannelClosed as exc:
             if _closed_by_broker(exc):
                 return ChannelClosedByBrokerError(
@@ -297,7 +305,9 @@ class OutboxPublisher:
         except TimeoutError:
             if not self.is_ready:
                 return BrokerUnavailableError("connection lost while publishing")
-            return PublishError(f"not confirmed within {self._publish_timeout:g} s")
+            return PublishError(
+                f"not confirmed within {self._publish_timeout:g} s", reason="timeout"
+            )
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
             return BrokerUnavailableError(_describe(exc))
         return None
@@ -305,7 +315,7 @@ class OutboxPublisher:
     def _timed_out(self, outcome: BatchOutcome, row_id: int) -> None:
         if self.is_ready:
             outcome.failed[row_id] = PublishError(
-                f"not confirmed within {self._publish_timeout:g} s"
+                f"not confirmed within {self._publish_timeout:g} s", reason="timeout"
             )
         else:
             outcome.add_unsent(

@@ -32,6 +32,11 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
     correlation_id: str | None
     created_at: datetime
     attempts: int
+    #: The ``x-request-id`` and ``traceparent`` headers, if the row has them,
+    #: only to name the rows in the relay's log lines; the message carries
+    #: ``headers`` as they are.
+    request_id: str | None = None
+    traceparent: str | None = None
 
 
 #: Claim up to ``$3`` due rows for relay ``$2`` for ``$1`` seconds; returns
@@ -44,6 +49,16 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
 #: transaction stays open while the broker confirms. The inner query reads
 #: only ``ix_outbox_pending``, whose entries are the unpublished, live rows in
 #: the order they fall due.
+#:
+#: Ordering per key: a row with a ``correlation_id`` is claimed only while no
+#: earlier (smaller id) unpublished, live row of the same ``correlation_id``
+#: exists, checked with one probe of ``ix_outbox_pending_correlation``. So at
+#: most the oldest row of a key is ever claimed or in flight, by whichever
+#: relay, and the next one only after the broker confirmed it and it was
+#: marked published: one key's messages reach the broker in id order however
+#: many relays run. An earlier row that is leased, scheduled for later or
+#: backing off after a failure holds the later ones back; a parked (dead)
+#: row does not. Rows without a ``correlation_id`` are not ordered.
 CLAIM_BATCH = """
 WITH claimed AS (
     UPDATE outbox
@@ -51,16 +66,26 @@ WITH claimed AS (
            claimed_by = $2::text
      WHERE id IN (
             SELECT id
-              FROM outbox
+              FROM outbox AS candidate
              WHERE published_at IS NULL
                AND dead_at IS NULL
                AND available_at <= now()
+               AND NOT EXISTS (
+                       SELECT 1
+                         FROM outbox AS earlier
+                        WHERE earlier.correlation_id = candidate.correlation_id
+                          AND earlier.id < candidate.id
+                          AND earlier.published_at IS NULL
+                          AND earlier.dead_at IS NULL
+                   )
              ORDER BY available_at, id
              LIMIT $3::int
                FOR UPDATE SKIP LOCKED
            )
     RETURNING id, routing_key, body::text AS body, headers::text AS headers,
-              correlation_id, created_at, attempts
+              correlation_id, created_at, attempts,
+              headers ->> 'x-request-id' AS request_id,
+              headers ->> 'traceparent' AS traceparent
 )
 SELECT * FROM claimed ORDER BY id
 """
@@ -111,28 +136,49 @@ UPDATE outbox
    AND claimed_by = $2::text
 """
 
-#: Seconds until the earliest unpublished, live row falls due (negative when
-#: one is already due); NULL when there is none. The relay sleeps no longer
-#: than this, so scheduled rows and retries go out on time without polling
+#: Seconds until the earliest claimable row falls due (negative when one is
+#: already due); no row when there is none. The relay sleeps no longer than
+#: this, so scheduled rows and retries go out on time without polling
 #: faster. Leased rows count too: their lease end is when they are due again.
+#: Rows held back behind an earlier row of their key do not count (they would
+#: look overdue and keep the relay spinning); the earlier row's own due time
+#: stands in for them. Walking ``ix_outbox_pending`` in order, the first row
+#: not held back answers, so this stays cheap however large the backlog.
 NEXT_AVAILABLE_AT = """
-SELECT extract(epoch FROM min(available_at) - now())::float8 AS seconds_until
+SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
+  FROM outbox AS candidate
+ WHERE published_at IS NULL
+   AND dead_at IS NULL
+   AND NOT EXISTS (
+           SELECT 1
+             FROM outbox AS earlier
+            WHERE earlier.correlation_id = candidate.correlation_id
+              AND earlier.id < candidate.id
+              AND earlier.published_at IS NULL
+              AND earlier.dead_at IS NULL
+       )
+ ORDER BY available_at, id
+ LIMIT 1
+"""
+
+#: How many rows wait and the age of the oldest, for the relay's gauges
+#: (sampled every few seconds): one pass over ``ix_outbox_pending``, whose
+#: size is the backlog, not the table.
+PENDING_SUMMARY = """
+SELECT count(*) AS pending,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+           AS oldest_age_seconds
   FROM outbox
  WHERE published_at IS NULL
    AND dead_at IS NULL
 """
 
-#: The backlog per routing key for ``python -m outbox_relay status``: rows not
-#: yet published, how many of them are due now, and the age of the oldest.
+#: The backlog per routing key for ``python -m outbox_relay status``, from the
+#: ``outbox_lag`` view: rows not yet published, how many are due now, the age
+#: of the oldest and the most attempts any of them has had.
 LAG_BY_ROUTING_KEY = """
-SELECT routing_key,
-       count(*) AS pending,
-       count(*) FILTER (WHERE available_at <= now()) AS due,
-       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
-  FROM outbox
- WHERE published_at IS NULL
-   AND dead_at IS NULL
- GROUP BY routing_key
+SELECT routing_key, pending, due, oldest_age_seconds, max_attempts_so_far
+  FROM outbox_lag
  ORDER BY routing_key
 """
 
@@ -143,6 +189,22 @@ SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL) AS dead,
        (SELECT count(*)
           FROM outbox
          WHERE published_at > now() - interval '1 minute') AS published_last_minute
+"""
+
+#: The ``$1`` most recently parked rows, newest first, from ``outbox_dead``.
+RECENT_DEAD = """
+SELECT id, routing_key, correlation_id, attempts, last_error, dead_at
+  FROM outbox_dead
+ ORDER BY dead_at DESC, id DESC
+ LIMIT $1::int
+"""
+
+#: Publish latency (creation to confirm) over the last minute, five minutes
+#: and hour, from the ``outbox_publish_latency`` view.
+PUBLISH_LATENCY = """
+SELECT "window", window_seconds, published,
+       p50_seconds, p90_seconds, p99_seconds, max_seconds
+  FROM outbox_publish_latency
 """
 
 #: Give parked rows another chance: rows ``$1`` (an array of ids), or every

@@ -15,26 +15,37 @@ the one that closes the channel again has an attempt counted (and, after
 
 Delivery is at least once. A relay that dies after the broker confirmed but
 before the mark commits publishes those rows again after the lease; consumers
-deduplicate by ``message_id``. Within a batch messages reach the broker in id
-order, but retries and concurrent relays make no promise of order overall.
+deduplicate by ``message_id``. Rows that share a ``correlation_id`` reach the
+broker in id order, however many relays run: the claim only takes the oldest
+unpublished, live row of each key (see :data:`outbox_relay.queries.CLAIM_BATCH`).
+Rows without one are published in no particular order.
+
+Each batch is one INFO line naming the request ids and trace ids of the rows
+it published (at most :data:`MAX_LOGGED_IDS` of each), so a request can be
+followed from the API's log through the relay's to the consumer's; at DEBUG
+every row gets a line of its own. Side loops: the LISTEN connection and a
+sampler that keeps the backlog gauges current (see :mod:`outbox_relay.metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
+from outbox_relay import metrics
 from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
 from outbox_relay.listener import NotificationListener
 from outbox_relay.publisher import BatchOutcome, OutboxPublisher
 from outbox_relay.queries import OutboxRow
 from outbox_relay.resilience import DependencyHealth, retry_delay, wait_first
 from outbox_relay.settings import RelaySettings
-from outbox_relay.store import OutboxStore, RowFailure
+from outbox_relay.store import FailedRow, OutboxStore, RowFailure
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +72,20 @@ MAX_ISOLATED_PER_PASS = 32
 #: relay may have published them meanwhile, and they would never be seen).
 MAX_SUSPECTS = 10_000
 
+#: Request ids and trace ids named in one batch's log line, each at most; the
+#: DEBUG line of each row names the rest.
+MAX_LOGGED_IDS = 50
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` header; None if it is not one."""
+    if traceparent is None:
+        return None
+    match = _TRACEPARENT.match(traceparent.strip())
+    return match.group(1) if match else None
+
 
 @dataclass(slots=True)
 class _PublishedBatch:
@@ -68,7 +93,10 @@ class _PublishedBatch:
 
     rows: list[OutboxRow]
     outcome: BatchOutcome
+    #: ``time.monotonic()`` before the claim, for the batch's duration.
     started: float
+    #: When the broker's answers were in: the end of each row's publish latency.
+    confirmed_at: datetime
 
 
 class OutboxRelay:
@@ -131,6 +159,10 @@ class OutboxRelay:
         listener_task = asyncio.create_task(
             listener.run(listener_stop), name="outbox-relay-listen"
         )
+        sampler_task = asyncio.create_task(
+            self._sample_backlog(store, listener_stop),
+            name="outbox-relay-backlog-sampler",
+        )
         self._log.info(
             "outbox_relay_started",
             prefix=settings.amqp_prefix,
@@ -144,10 +176,11 @@ class OutboxRelay:
             # close its connection politely, and is cancelled if it is stuck
             # connecting to a server that does not answer.
             listener_stop.set()
-            await asyncio.wait({listener_task}, timeout=LISTENER_STOP_SECONDS)
-            listener_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener_task
+            side_tasks = {listener_task, sampler_task}
+            await asyncio.wait(side_tasks, timeout=LISTENER_STOP_SECONDS)
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
             await self._shutdown(store)
 
     async def _loop(self, store: OutboxStore, stop: asyncio.Event) -> None:
@@ -222,18 +255,20 @@ class OutboxRelay:
         # Cleared before the claim, so a NOTIFY that arrives while this batch
         # is in flight makes the next idle wait return at once.
         self._wakeup.clear()
+        started = time.monotonic()
         rows = await store.claim(
             self._settings.relay_batch_size, self._settings.relay_lease_seconds
         )
         if not rows:
             return False, None
 
-        started = time.monotonic()
         outcome = await self._publish(publisher, rows)
         # Kept until settled: if the database goes away now, the next pass
         # marks these rows first instead of letting their lease expire and
         # publishing them a second time.
-        self._unsettled = _PublishedBatch(rows, outcome, started)
+        self._unsettled = _PublishedBatch(
+            rows, outcome, started, confirmed_at=datetime.now(UTC)
+        )
         await self._settle(store, self._unsettled)
 
         # Released suspects are due again at once and must not wait for the
@@ -317,6 +352,10 @@ class OutboxRelay:
         await store.release([*outcome.unsent, *outcome.suspect])
         self._unsettled = None
 
+        # Counted only now that every statement went through: a settle that
+        # failed half-way is repeated in full, and must not count twice.
+        self._count(batch, failures, recorded)
+
         for failure in failures:
             self._log.warning(
                 "outbox_publish_failed",
@@ -334,13 +373,81 @@ class OutboxRelay:
                     attempts=row.attempts,
                     reason=str(outcome.failed[row.id])[:MAX_ERROR_LENGTH],
                 )
+
+        published = set(outcome.published)
+        published_rows = [row for row in batch.rows if row.id in published]
+        for sent in published_rows:
+            self._log.debug(
+                "outbox_row_published",
+                id=sent.id,
+                routing_key=sent.routing_key,
+                correlation_id=sent.correlation_id,
+                request_id=sent.request_id,
+                trace_id=trace_id_of(sent.traceparent),
+            )
         self._log.info(
             "outbox_batch_published",
             count=len(outcome.published),
             failed=len(outcome.failed),
             released=len(outcome.unsent) + len(outcome.suspect),
             duration_ms=round((time.monotonic() - batch.started) * 1000, 1),
+            request_ids=_first_distinct(sent.request_id for sent in published_rows),
+            trace_ids=_first_distinct(
+                trace_id_of(sent.traceparent) for sent in published_rows
+            ),
         )
+
+    def _count(
+        self,
+        batch: _PublishedBatch,
+        failures: list[RowFailure],
+        recorded: list[FailedRow],
+    ) -> None:
+        """Add a settled batch to the Prometheus metrics."""
+        outcome = batch.outcome
+        published = set(outcome.published)
+        for row in batch.rows:
+            if row.id in published:
+                metrics.PUBLISHED.labels(routing_key=row.routing_key).inc()
+                latency = (batch.confirmed_at - row.created_at).total_seconds()
+                # The database's clock wrote created_at, ours the confirm:
+                # a little skew must not make a latency negative.
+                metrics.PUBLISH_LATENCY.observe(max(latency, 0.0))
+
+        routing_keys = {row.id: row.routing_key for row in batch.rows}
+        for failure in failures:
+            error = outcome.failed[failure.id]
+            metrics.FAILED.labels(reason=error.reason).inc()
+            if error.reason == "returned":
+                metrics.RETURNED.labels(routing_key=routing_keys[failure.id]).inc()
+        metrics.DEAD.inc(sum(1 for failed in recorded if failed.dead))
+        metrics.BATCH_DURATION.observe(time.monotonic() - batch.started)
+
+    async def _sample_backlog(self, store: OutboxStore, stop: asyncio.Event) -> None:
+        """Keep the backlog gauges current until ``stop`` is set.
+
+        A failed sample leaves the gauges as they were; the relay loop reports
+        the outage, so this loop only notes it at DEBUG.
+        """
+        interval = self._settings.relay_lag_sample_seconds
+        while not stop.is_set():
+            try:
+                summary = await store.pending_summary()
+            except DatabaseUnavailableError as exc:
+                self._log.debug("outbox_backlog_sample_failed", error=str(exc))
+            except Exception:
+                # A fault, not an outage; the gauges go stale but rows keep
+                # moving, so it is reported and the next sample tries again.
+                self._log.exception("outbox_backlog_sample_failed")
+            else:
+                metrics.PENDING.set(summary.pending)
+                metrics.OLDEST_PENDING_AGE.set(summary.oldest_age_seconds)
+                self._log.debug(
+                    "outbox_backlog_sampled",
+                    pending=summary.pending,
+                    oldest_age_seconds=round(summary.oldest_age_seconds, 3),
+                )
+            await wait_first(stop.wait(), at_most=interval)
 
     async def _idle(self, store: OutboxStore, stop: asyncio.Event) -> None:
         """Sleep until a NOTIFY, the next due row or the poll interval."""
@@ -374,3 +481,14 @@ class OutboxRelay:
             await self._publisher.close()
         await store.close()
         self._log.info("outbox_relay_stopped")
+
+
+def _first_distinct(values: Iterable[str | None]) -> list[str]:
+    """Up to :data:`MAX_LOGGED_IDS` distinct values, in order, without None."""
+    seen: dict[str, None] = {}
+    for value in values:
+        if value is not None:
+            seen[value] = None
+            if len(seen) >= MAX_LOGGED_IDS:
+                break
+    return list(seen)

@@ -65,6 +65,15 @@ outbox = Table(
         "id",
         postgresql_where=text("published_at IS NULL AND dead_at IS NULL"),
     ),
+    # The claim's ordering check: is there an earlier unpublished, live row
+    # of the same correlation id? One probe of this index per candidate row
+    # (see outbox_relay.queries.CLAIM_BATCH).
+    Index(
+        "ix_outbox_pending_correlation",
+        "correlation_id",
+        "id",
+        postgresql_where=text("published_at IS NULL AND dead_at IS NULL"),
+    ),
     Index(
         "ix_outbox_published_at",
         "published_at",

@@ -11,6 +11,7 @@ import msgspec
 from outbox_relay.config import mask_url
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 
 
@@ -50,6 +51,16 @@ class RelaySettings(msgspec.Struct, kw_only=True):
     relay_max_message_bytes: AtLeastOne = 16 * 1024 * 1024
     #: Written to ``claimed_by`` and the connection names; unique per process.
     relay_name: str = msgspec.field(default_factory=_default_relay_name)
+    #: Seconds between two samples of the backlog for the ``outbox_pending_rows``
+    #: and ``outbox_oldest_pending_age_seconds`` gauges (one cheap query each).
+    relay_lag_sample_seconds: Positive = 5.0
+    #: Hours a published row is kept before the retention job deletes it;
+    #: 0 keeps published rows for ever. Unpublished and parked rows are never
+    #: deleted.
+    outbox_retention_hours: NonNegative = 168.0
+    #: Seconds between two runs of the retention job; 0 runs none. With
+    #: several relays, one of them cleans at a time (an advisory lock).
+    retention_interval_seconds: NonNegative = 300.0
     #: Interface of the relay's /health/live, /health/ready and /metrics.
     relay_health_host: str = "127.0.0.1"
     #: Port of those endpoints; 0 (the default outside containers) serves none.

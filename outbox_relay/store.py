@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import msgspec
 
 from outbox_relay import queries
 from outbox_relay.config import asyncpg_dsn
@@ -78,53 +77,12 @@ class FailedRow:
     dead: bool
 
 
-class RoutingKeyLag(msgspec.Struct, frozen=True, kw_only=True):
-    """Unpublished rows of one routing key."""
+@dataclass(frozen=True, slots=True)
+class PendingSummary:
+    """The backlog in two numbers, as the relay's gauges show it."""
 
-    routing_key: str
     pending: int
-    due: int
     oldest_age_seconds: float
-
-
-class OutboxLag(msgspec.Struct, frozen=True, kw_only=True):
-    """How far the relay is behind, for ``python -m outbox_relay status``."""
-
-    pending: int
-    dead: int
-    published_last_minute: int
-    routing_keys: list[RoutingKeyLag]
-
-
-async def read_lag(database_url: str) -> OutboxLag:
-    """Read the outbox lag over a connection of its own (two cheap queries)."""
-    with database_errors():
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(
-            asyncpg_dsn(database_url), timeout=CONNECT_TIMEOUT_SECONDS
-        )
-    try:
-        with database_errors():
-            by_key = await conn.fetch(queries.LAG_BY_ROUTING_KEY)
-            totals = await conn.fetchrow(queries.LAG_TOTALS)
-    finally:
-        await conn.close()
-
-    assert totals is not None  # an aggregate without GROUP BY yields one row
-    routing_keys = [
-        RoutingKeyLag(
-            routing_key=row["routing_key"],
-            pending=row["pending"],
-            due=row["due"],
-            oldest_age_seconds=row["oldest_age_seconds"],
-        )
-        for row in by_key
-    ]
-    return OutboxLag(
-        pending=sum(key.pending for key in routing_keys),
-        dead=totals["dead"],
-        published_last_minute=totals["published_last_minute"],
-        routing_keys=routing_keys,
-    )
 
 
 async def replay_dead(database_url: str, ids: Sequence[int] | None) -> list[int]:
@@ -235,6 +193,15 @@ class OutboxStore:
             return
         with database_errors():
             await self._pool.execute(queries.RELEASE, list(ids), self._relay_name)
+
+    async def pending_summary(self) -> PendingSummary:
+        """How many rows wait and the age of the oldest (one index scan)."""
+        with database_errors():
+            record = await self._pool.fetchrow(queries.PENDING_SUMMARY)
+        assert record is not None  # an aggregate without GROUP BY yields one row
+        return PendingSummary(
+            pending=record["pending"], oldest_age_seconds=record["oldest_age_seconds"]
+        )
 
     async def seconds_until_next_due(self) -> float | None:
         """Seconds until the next row is due (<= 0: now); None if none is pending."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +11,9 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.plugins.prometheus import PrometheusConfig
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outbox_relay.config import sqlalchemy_url
@@ -22,6 +25,7 @@ from service.registry import HandlerRegistry, load_registry
 from service.request import ServiceRequest
 from service.routes import TaskController, list_task_types, live, metrics, ready
 from service.settings import ServiceSettings
+from service.tracing import create_tracer_provider, tracing_exported
 
 API_VERSION = "1.0.0"
 
@@ -44,9 +48,22 @@ def create_engine(settings: ServiceSettings) -> AsyncEngine:
 
 
 def create_app(
-    settings: ServiceSettings, registry: HandlerRegistry | None = None
+    settings: ServiceSettings,
+    registry: HandlerRegistry | None = None,
+    *,
+    tracer_provider: TracerProvider | None = None,
 ) -> Litestar:
+    """The API. Spans go to ``tracer_provider`` if given (tests pass one that
+    keeps them in memory); otherwise to a provider of the app's own, which it
+    shuts down with the lifespan."""
     registry = registry or load_registry(settings.task_handler_modules)
+    own_provider = tracer_provider is None
+    provider = tracer_provider or create_tracer_provider(
+        "outbox-tasks-api",
+        export=tracing_exported(
+            settings.otel_enabled, settings.otel_exporter_otlp_endpoint
+        ),
+    )
 
     @asynccontextmanager
     async def database(app: Litestar) -> AsyncIterator[None]:
@@ -57,6 +74,9 @@ def create_app(
             yield
         finally:
             await engine.dispose()
+            if own_provider:
+                # Flushes spans the exporter still holds; blocks briefly.
+                await asyncio.to_thread(provider.shutdown)
 
     # Everything under /api/v1 is behind the key check, so a route added
     # here later cannot be reachable without a key. Guards run in this
@@ -76,6 +96,15 @@ def create_app(
         exclude=["/metrics"],
     )
 
+    # Litestar wraps the whole application in this middleware, so a span is
+    # current in every other middleware (the request context binds its trace
+    # id). The ASGI receive/send sub-spans would only add noise.
+    opentelemetry = OpenTelemetryConfig(
+        tracer_provider=provider,
+        exclude=["^/health/", "^/metrics$", "^/schema"],
+        exclude_spans=["receive", "send"],
+    )
+
     return Litestar(
         route_handlers=[
             api_v1,
@@ -87,6 +116,7 @@ def create_app(
         state=State({"settings": settings, "registry": registry}),
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[RequestContextMiddleware(), prometheus.middleware],
+        plugins=[OpenTelemetryPlugin(opentelemetry)],
         request_max_body_size=settings.api_max_body_bytes,
         request_class=ServiceRequest,
         openapi_config=OpenAPIConfig(

@@ -1,9 +1,15 @@
-"""Per-request context: the request id, the trace header and one log line.
+"""Per-request context: the request id, the trace context and one log line.
 
 The request id comes from ``X-Request-ID`` when the client sends a sane one,
 otherwise it is generated; it is echoed in the response, bound to every log
 line of the request, and stored on the outbox rows the request writes, so the
 consumer's log lines for the task carry it too.
+
+The trace comes from OpenTelemetry's middleware, which runs outside this one
+(Litestar puts it around the whole application): it continues the caller's
+``traceparent`` or starts a trace, so here a span is always current. Its
+trace id is bound to the log lines as ``trace_id``, and its ``traceparent``
+goes on the outbox rows beside the request id.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.tracing import current_trace_headers, current_trace_id
+
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 logger = structlog.get_logger("service.access")
 
@@ -49,13 +56,15 @@ class RequestContextMiddleware(ASGIMiddleware):
             if supplied and _SANE_REQUEST_ID.match(supplied)
             else uuid.uuid4().hex
         )
-        scope.setdefault("state", {})["request_id"] = request_id
-        traceparent = _header(scope, b"traceparent")
-        if traceparent and _TRACEPARENT.match(traceparent):
-            scope["state"]["traceparent"] = traceparent
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["trace_headers"] = current_trace_headers()
 
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        trace_id = current_trace_id()
+        if trace_id is not None:
+            structlog.contextvars.bind_contextvars(trace_id=trace_id)
         started = time.perf_counter()
         status = 500
 
@@ -84,9 +93,13 @@ class RequestContextMiddleware(ASGIMiddleware):
 
 
 def outbox_headers(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """The AMQP headers that let the consumer continue this request's context."""
+    """The AMQP headers that let the consumer continue this request's context.
+
+    The request id, and the ``traceparent`` (plus ``tracestate``, if the
+    caller sent one) of the request's span.
+    """
     state = request.scope.get("state", {})
-    headers = {REQUEST_ID_HEADER: state.get("request_id", "")}
-    if "traceparent" in state:
-        headers["traceparent"] = state["traceparent"]
-    return headers
+    return {
+        REQUEST_ID_HEADER: state.get("request_id", ""),
+        **state.get("trace_headers", {}),
+    }

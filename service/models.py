@@ -83,6 +83,13 @@ class Task(Base):
     )
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: ``traceparent`` and ``x-request-id`` of the request that created (or
+    #: last retried) the task. The stuck-task sweeper writes them on the rows
+    #: it adds, so those stay in the task's trace although no delivery of the
+    #: task's messages is at hand.
+    trace_headers: Mapped[dict[str, str]] = mapped_column(
+        JSONB, server_default=text("'{}'::jsonb")
+    )
 
     __table_args__ = (
         CheckConstraint(_in("status", TaskStatus), name="status"),

@@ -51,6 +51,12 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     default_max_attempts: int = 3
     #: Comma-separated modules that register extra task handlers on import.
     task_handler_modules: str = ""
+    #: Export the API's spans over OTLP (see ``service.tracing``); also on
+    #: whenever ``otel_exporter_otlp_endpoint`` is set.
+    otel_enabled: bool = False
+    #: The standard OpenTelemetry variable; the exporter reads it (and the
+    #: other ``OTEL_EXPORTER_OTLP_*`` variables) itself.
+    otel_exporter_otlp_endpoint: str = ""
     log_level: str = "INFO"
     #: JSON log lines; unset means JSON unless standard error is a terminal.
     log_json: bool | None = None

@@ -196,6 +196,7 @@ async def create_task(
                     status=TaskStatus.NEW.value,
                     max_attempts=max_attempts,
                     run_at=data.run_at,
+                    trace_headers=dict(headers),
                 )
                 .returning(*_TASK_COLUMNS)
             )
@@ -302,6 +303,9 @@ async def retry_task(
                     started_at=None,
                     completed_at=None,
                     updated_at=func.now(),
+                    # The retrying request's trace is the task's from now on,
+                    # as it is for the task.retry row below.
+                    trace_headers=dict(headers),
                 )
                 .returning(*_TASK_COLUMNS)
             )

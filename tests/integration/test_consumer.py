@@ -341,7 +341,18 @@ async def test_checksum_task_completes_with_its_result(harness: Harness) -> None
         "status": "COMPLETED",
         "attempts": 1,
     }
-    assert events[0]["headers"] == headers
+    # The event continues the message's trace, as a child of the consumer's
+    # span for the delivery: same trace id, the consumer's own span id.
+    follow_up = events[0]["headers"]
+    assert set(follow_up) == {"traceparent", "x-request-id"}
+    assert follow_up["x-request-id"] == "req-123"
+    version, trace_id, span_id, flags = follow_up["traceparent"].split("-")
+    assert (version, trace_id, flags) == (
+        "00",
+        "0af7651916cd43dd8448eb211c80319c",
+        "01",
+    )
+    assert span_id != "b7ad6b7169203331" and len(span_id) == 16
     assert await harness.inbox_count(message_id) == 1
 
 
@@ -474,6 +485,7 @@ async def test_failed_attempts_are_retried_until_one_succeeds(
     headers = {"x-request-id": "req-retry"}
     await harness.publish(task_id, "fail_times", headers=headers)
 
+    trace_ids = set()
     for attempt in (1, 2):
 
         async def retry_rows(count: int = attempt) -> list[asyncpg.Record]:
@@ -490,12 +502,16 @@ async def test_failed_attempts_are_retried_until_one_succeeds(
         backoff = timedelta(seconds=0.05 * 2 ** (attempt - 1))
         assert row["created_at"] <= row["available_at"] <= row["created_at"] + backoff
         assert row["body"] == {"task_id": str(task_id), "type": "fail_times"}
-        assert row["headers"] == headers
+        # A message without a trace starts one in the consumer; the retries
+        # stay in it.
+        assert row["headers"]["x-request-id"] == "req-retry"
+        trace_ids.add(row["headers"]["traceparent"].split("-")[1])
         await harness.relay_due(row)
 
     task = await harness.wait_status(task_id, "COMPLETED")
     assert task["attempts"] == 3
     assert task["result"] == {"value": "third time", "attempt": 3}
+    assert len(trace_ids) == 1
     assert task["error"] is None
     assert len(await harness.outbox(task_id, "task.completed")) == 1
     assert len(await harness.outbox(task_id, "task.retry")) == 2

@@ -26,7 +26,7 @@ from outbox_relay.publisher import BatchOutcome
 from outbox_relay.queries import OutboxRow
 from outbox_relay.relay import OutboxRelay
 from outbox_relay.settings import RelaySettings
-from outbox_relay.store import FailedRow, RowFailure
+from outbox_relay.store import FailedRow, PendingSummary, RowFailure
 
 Verdict = PublishError | BrokerUnavailableError | None
 
@@ -91,6 +91,9 @@ class FakeStore:
 
     async def seconds_until_next_due(self) -> float | None:
         return None
+
+    async def pending_summary(self) -> PendingSummary:
+        return PendingSummary(pending=len(self.pending), oldest_age_seconds=0.0)
 
     async def close(self) -> None:
         pass

@@ -14,8 +14,11 @@ NAMED_QUERIES = (
     "MARK_FAILED",
     "RELEASE",
     "NEXT_AVAILABLE_AT",
+    "PENDING_SUMMARY",
     "LAG_BY_ROUTING_KEY",
     "LAG_TOTALS",
+    "RECENT_DEAD",
+    "PUBLISH_LATENCY",
     "REPLAY_DEAD",
     "NOTIFY_RELAYS",
     "PING",
@@ -49,6 +52,15 @@ def test_parameters_are_numbered_without_gaps(name: str) -> None:
 
 def test_claim_skips_rows_another_relay_is_claiming() -> None:
     assert "FOR UPDATE SKIP LOCKED" in queries.CLAIM_BATCH
+
+
+@pytest.mark.parametrize("name", ["CLAIM_BATCH", "NEXT_AVAILABLE_AT"])
+def test_rows_behind_an_earlier_row_of_their_key_are_held_back(name: str) -> None:
+    sql = " ".join(getattr(queries, name).split())
+
+    assert "NOT EXISTS" in sql
+    assert "earlier.correlation_id = candidate.correlation_id" in sql
+    assert "earlier.id < candidate.id" in sql
 
 
 @pytest.mark.parametrize("name", ["MARK_FAILED", "RELEASE"])
