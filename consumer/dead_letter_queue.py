@@ -178,8 +178,16 @@ async def _dead_letter_queue(
 async def _held_messages(
     queue: AbstractQueue,
 ) -> AsyncIterator[AbstractIncomingMessage]:
-    """Each message in the queue once, left un-acked for the caller to settle."""
-    while True:
+    """Each message in the queue once, left un-acked for the caller to settle.
+
+    Only the messages present when reading starts are read: a replayed message
+    that is dead-lettered again meanwhile joins the tail of the queue, and
+    must not be picked up (and replayed) a second time in the same run.
+    """
+    underlay = await queue.channel.get_underlay_channel()
+    declared = await underlay.queue_declare(queue.name, passive=True)
+    present = declared.message_count or 0
+    for _ in range(present):
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
             return

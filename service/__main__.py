@@ -15,6 +15,7 @@ from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from outbox_relay.config import load_env_file, load_settings, sqlalchemy_url
+from outbox_relay.errors import SettingsError
 from outbox_relay.logs import configure_logging
 from service import api_keys
 from service.api_keys import DEFAULT_SCOPES, Scope
@@ -35,7 +36,10 @@ def main(ctx: click.Context) -> None:
 
 def _settings() -> ServiceSettings:
     load_env_file()
-    settings = load_settings(ServiceSettings)
+    try:
+        settings = load_settings(ServiceSettings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
     configure_logging(settings.log_level, settings.log_json)
     return settings
 

@@ -89,7 +89,9 @@ def _validation(
         if isinstance(item, dict)
     ]
     in_body = any(isinstance(i, dict) and i.get("source") == "body" for i in raw)
-    if in_body and request.headers.get("content-length") == "0":
+    length = request.headers.get("content-length")
+    chunked = "transfer-encoding" in request.headers
+    if in_body and (length == "0" or (length is None and not chunked)):
         return problem_response(
             400, "malformed-body", "The body is empty; a JSON object is expected."
         )

@@ -360,4 +360,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidCursorError(cursor) from exc
     if created_at.tzinfo is None:
         raise InvalidCursorError(cursor)
+    try:
+        # A forged cursor can hold a time that overflows once moved to UTC.
+        created_at = created_at.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidCursorError(cursor) from exc
     return created_at, task_id

@@ -6,6 +6,7 @@ and tenants have their own tests in ``test_auth``.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -174,6 +175,13 @@ async def test_task_types_publish_their_payload_schemas(
 
 
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
+FORGED_CURSOR = (
+    base64.urlsafe_b64encode(
+        b'["9999-12-31T23:59:59.999999-23:59","' + UNKNOWN.encode() + b'"]'
+    )
+    .decode()
+    .rstrip("=")
+)
 
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("POST", "/api/v1/tasks", {"content": b"{not json"}, 400),
@@ -207,6 +215,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("POST", "/api/v1/tasks", {"content": b'{"title": "' + b"x" * 70_000 + b'"}'}, 413),
     ("GET", "/api/v1/tasks", {"params": {"cursor": "garbage"}}, 400),
     ("GET", "/api/v1/tasks", {"params": {"cursor": "WyJ4IiwieSJd"}}, 400),
+    # A well-formed cursor whose time overflows once moved to UTC.
+    ("GET", "/api/v1/tasks", {"params": {"cursor": FORGED_CURSOR}}, 400),
     ("GET", "/api/v1/tasks", {"params": {"limit": 0}}, 400),
     ("GET", "/api/v1/tasks", {"params": {"limit": 10_000}}, 400),
     ("GET", "/api/v1/tasks", {"params": {"limit": "ten"}}, 400),

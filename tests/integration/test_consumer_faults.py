@@ -402,4 +402,6 @@ async def test_dead_letters_carry_their_reason_and_replay_where_they_came_from(
     assert code == 2, "neither ids nor --all is a usage error"
     code, out, err = await run_cli(harness, "dead-letters", "replay", "--all")
     assert code == 0, err
-    assert "garbage" in out
+    # The running consumer dead-letters the garbage again at once; that copy
+    # joins the tail of the queue and must not be replayed in the same run.
+    assert "replayed 1 message(s): garbage" in out
