@@ -13,7 +13,6 @@ queue and why; ``dead-letters replay`` publishes chosen messages again.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from datetime import datetime
 
@@ -34,8 +33,8 @@ from consumer.settings import ConsumerSettings
 from consumer.status import format_throughput, read_throughput
 from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.errors import SettingsError
-from outbox_relay.health import serve_health
 from outbox_relay.logs import configure_logging
+from outbox_relay.worker import serve_worker
 from service.registry import HandlerRegistry, load_registry
 
 logger = structlog.get_logger("consumer")
@@ -45,35 +44,15 @@ EXIT_BAD_SETTINGS = 2
 
 
 async def _serve(settings: ConsumerSettings, registry: HandlerRegistry) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
     consumer = TaskConsumer(settings, registry)
-    retention = inbox_retention(settings)
-    if retention is not None:
-        retention.start()
-    health = asyncio.create_task(
-        serve_health(
-            "consumer",
-            settings.consumer_health_host,
-            settings.consumer_health_port,
-            lambda: consumer.is_ready,
-            stop,
-        ),
-        name="consumer-health",
+    await serve_worker(
+        "consumer",
+        consumer.run,
+        is_ready=lambda: consumer.is_ready,
+        health_host=settings.consumer_health_host,
+        health_port=settings.consumer_health_port,
+        retention=inbox_retention(settings),
     )
-    # A health server that dies takes the consumer down with it: an
-    # orchestrator that cannot probe the consumer would restart it anyway.
-    health.add_done_callback(lambda _task: stop.set())
-    try:
-        await consumer.run(stop)
-    finally:
-        stop.set()
-        if retention is not None:
-            await retention.stop()
-        await health
 
 
 def _load() -> ConsumerSettings:

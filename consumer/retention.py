@@ -24,8 +24,8 @@ from __future__ import annotations
 from consumer.settings import ConsumerSettings
 from outbox_relay.retention import (
     INBOX_RETENTION_LOCK,
-    RetentionJob,
     RetentionSchedule,
+    retention_schedule,
 )
 
 #: Delete up to ``$2`` inbox rows processed more than ``$1`` seconds ago.
@@ -44,13 +44,11 @@ DELETE FROM inbox
 
 def inbox_retention(settings: ConsumerSettings) -> RetentionSchedule | None:
     """The schedule that deletes old inbox rows; None when it is turned off."""
-    if settings.retention_interval_seconds == 0 or settings.inbox_retention_hours == 0:
-        return None
-    job = RetentionJob(
+    return retention_schedule(
         name="inbox",
         database_url=settings.database_url,
         statement=DELETE_OLD_INBOX,
-        retention_seconds=settings.inbox_retention_hours * 3600,
+        retention_hours=settings.inbox_retention_hours,
+        interval_seconds=settings.retention_interval_seconds,
         lock_key=INBOX_RETENTION_LOCK,
     )
-    return RetentionSchedule([job], settings.retention_interval_seconds)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 import click
@@ -17,18 +16,18 @@ import structlog
 
 from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.errors import RelayError, SettingsError
-from outbox_relay.health import serve_health
 from outbox_relay.logs import configure_logging
 from outbox_relay.relay import OutboxRelay
 from outbox_relay.retention import (
     DELETE_PUBLISHED_OUTBOX,
     OUTBOX_RETENTION_LOCK,
-    RetentionJob,
     RetentionSchedule,
+    retention_schedule,
 )
 from outbox_relay.settings import RelaySettings
 from outbox_relay.status import format_lag, read_lag
 from outbox_relay.store import replay_dead
+from outbox_relay.worker import serve_worker
 
 log = structlog.get_logger(__name__)
 
@@ -68,56 +67,28 @@ def run() -> None:
 
 
 async def _serve(settings: RelaySettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def request_stop(signum: signal.Signals) -> None:
-        log.info("outbox_relay_stopping", signal=signum.name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop, signum)
-
     relay = OutboxRelay(settings)
-    retention = outbox_retention(settings)
-    if retention is not None:
-        retention.start()
-    health = asyncio.create_task(
-        serve_health(
-            "outbox_relay",
-            settings.relay_health_host,
-            settings.relay_health_port,
-            lambda: relay.is_ready,
-            stop,
-        ),
-        name="outbox-relay-health",
+    await serve_worker(
+        "outbox_relay",
+        relay.run,
+        is_ready=lambda: relay.is_ready,
+        health_host=settings.relay_health_host,
+        health_port=settings.relay_health_port,
+        retention=outbox_retention(settings),
+        stopping_event="outbox_relay_stopping",
     )
-    # A health server that dies takes the relay down with it: an orchestrator
-    # that cannot probe the relay would restart it anyway.
-    health.add_done_callback(lambda _task: stop.set())
-    try:
-        await relay.run(stop)
-    finally:
-        stop.set()
-        if retention is not None:
-            await retention.stop()
-        await health
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
 
 
 def outbox_retention(settings: RelaySettings) -> RetentionSchedule | None:
     """The schedule that deletes old published rows; None when it is turned off."""
-    if settings.retention_interval_seconds == 0 or settings.outbox_retention_hours == 0:
-        return None
-    job = RetentionJob(
+    return retention_schedule(
         name="outbox",
         database_url=settings.database_url,
         statement=DELETE_PUBLISHED_OUTBOX,
-        retention_seconds=settings.outbox_retention_hours * 3600,
+        retention_hours=settings.outbox_retention_hours,
+        interval_seconds=settings.retention_interval_seconds,
         lock_key=OUTBOX_RETENTION_LOCK,
     )
-    return RetentionSchedule([job], settings.retention_interval_seconds)
 
 
 @main.command()

@@ -180,3 +180,25 @@ class RetentionSchedule:
         finally:
             if current is not None:
                 self._running.discard(current)
+
+
+def retention_schedule(
+    *,
+    name: str,
+    database_url: str,
+    statement: str,
+    retention_hours: float,
+    interval_seconds: float,
+    lock_key: int,
+) -> RetentionSchedule | None:
+    """A schedule for one table's clean-up; None when either setting is 0 (off)."""
+    if interval_seconds == 0 or retention_hours == 0:
+        return None
+    job = RetentionJob(
+        name=name,
+        database_url=database_url,
+        statement=statement,
+        retention_seconds=retention_hours * 3600,
+        lock_key=lock_key,
+    )
+    return RetentionSchedule([job], interval_seconds)
