@@ -220,6 +220,25 @@ async def get_task(
     return _read(row)
 
 
+async def _lock_status(
+    conn: AsyncConnection, task_id: uuid.UUID, owner: str | None
+) -> str:
+    """Lock the caller's task row until the transaction ends; its status.
+
+    Raises TaskNotFoundError for an unknown task or one of another owner.
+    """
+    current = (
+        await conn.execute(
+            select(Task.status)
+            .where(Task.id == task_id, _visible_to(owner))
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if current is None:
+        raise TaskNotFoundError(str(task_id))
+    return str(current)
+
+
 async def cancel_task(
     conn: AsyncConnection,
     task_id: uuid.UUID,
@@ -235,15 +254,7 @@ async def cancel_task(
     async with conn.begin():
         # Lock first, so a consumer recording an outcome at the same moment
         # either finishes before us (and we answer 409) or sees CANCELLED.
-        current = (
-            await conn.execute(
-                select(Task.status)
-                .where(Task.id == task_id, _visible_to(owner))
-                .with_for_update()
-            )
-        ).scalar_one_or_none()
-        if current is None:
-            raise TaskNotFoundError(str(task_id))
+        current = await _lock_status(conn, task_id, owner)
         if current in TERMINAL_STATUSES:
             raise TaskStateConflictError(f"the task is already {current}")
 
@@ -278,15 +289,7 @@ async def retry_task(
     retries racing each other end in one retry and one 409.
     """
     async with conn.begin():
-        current = (
-            await conn.execute(
-                select(Task.status)
-                .where(Task.id == task_id, _visible_to(owner))
-                .with_for_update()
-            )
-        ).scalar_one_or_none()
-        if current is None:
-            raise TaskNotFoundError(str(task_id))
+        current = await _lock_status(conn, task_id, owner)
         if current != TaskStatus.FAILED:
             raise TaskStateConflictError(
                 f"only a FAILED task can be retried; this one is {current}"
