@@ -138,10 +138,18 @@ class TaskConsumer:
         engine = create_async_engine(
             sqlalchemy_url(self._settings.database_url),
             # Each delivery holds a connection only for its two short
-            # transactions, so the pool can be smaller than the prefetch.
+            # transactions, so the pool can be smaller than the prefetch;
+            # deliveries beyond it wait for a connection. No overflow: an
+            # overflow connection is closed when it is returned, so under
+            # steady load the pool would open a connection (a new PostgreSQL
+            # backend) for most transactions.
             pool_size=min(self._settings.consumer_prefetch, 10),
-            max_overflow=self._settings.consumer_prefetch,
-            pool_pre_ping=True,
+            max_overflow=0,
+            # No ping before each checkout (two round trips per message): a
+            # connection that died with the database fails its statement,
+            # SQLAlchemy then discards the whole pool, and the outage handling
+            # retries the step on a fresh connection.
+            pool_pre_ping=False,
             # Parameters carry results; they must not reach the logs.
             hide_parameters=True,
             json_serializer=_json_dumps,

@@ -245,13 +245,10 @@ class MessageProcessor:
     ) -> _Claim | _Settled:
         """Step 1: mark the task IN_PROGRESS and count the attempt."""
         async with self._transaction() as conn:
-            seen = await conn.execute(
-                queries.INBOX_CONTAINS, {"message_id": delivery.message_id}
-            )
-            if seen.first() is not None:
+            task = await self._lock_task(conn, message.task_id, delivery)
+            if task["seen"]:
                 return _Settled(Outcome.DUPLICATE)
 
-            task = await self._lock_task(conn, message.task_id)
             if task["status"] in TERMINAL_STATUSES:
                 # The late message is consumed for good: recording it means a
                 # redelivery is recognised without even locking the task.
@@ -396,7 +393,7 @@ class MessageProcessor:
         headers = follow_up_headers(delivery)
 
         async with self._transaction() as conn:
-            task = await self._lock_task(conn, context.task_id)
+            task = await self._lock_task(conn, context.task_id, delivery)
             if not await self._record_inbox(conn, delivery):
                 return Outcome.DUPLICATE
 
@@ -471,8 +468,13 @@ class MessageProcessor:
             )
             return Outcome.RETRY_SCHEDULED
 
-    async def _lock_task(self, conn: AsyncConnection, task_id: uuid.UUID) -> RowMapping:
-        result = await conn.execute(queries.LOCK_TASK, {"task_id": task_id})
+    async def _lock_task(
+        self, conn: AsyncConnection, task_id: uuid.UUID, delivery: Delivery
+    ) -> RowMapping:
+        result = await conn.execute(
+            queries.LOCK_TASK,
+            {"task_id": task_id, "message_id": delivery.message_id},
+        )
         task = result.mappings().first()
         if task is None:
             raise UnprocessableMessageError("task not found", kind="task_not_found")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -96,7 +96,13 @@ class StuckTaskSweeper:
         ]
 
     def start(self) -> None:
-        """Sweep every ``interval`` seconds, the first time right away."""
+        """Sweep every ``interval`` seconds, the first time one interval from now.
+
+        Not at once: a consumer that starts after a crash is about to receive
+        the redeliveries of the messages it died with, and each redelivery
+        finishes its task. Sweeping first would retry those tasks a second
+        time through the outbox (harmless, but a wasted attempt).
+        """
         scheduler = AsyncIOScheduler()
         scheduler.add_job(
             self._scheduled_sweep,
@@ -107,7 +113,7 @@ class StuckTaskSweeper:
             # itself: one sweep at a time, and missed ones collapse into one.
             max_instances=1,
             coalesce=True,
-            next_run_time=datetime.now(UTC),
+            next_run_time=datetime.now(UTC) + timedelta(seconds=self._interval),
         )
         scheduler.start()
         self._scheduler = scheduler

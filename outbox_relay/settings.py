@@ -29,7 +29,7 @@ class RelaySettings(msgspec.Struct, kw_only=True):
     #: Start of every exchange and queue name, so deployments can share a broker.
     amqp_prefix: str = "tasks"
     #: Rows claimed, published and marked together; a full batch loops at once.
-    relay_batch_size: AtLeastOne = 256
+    relay_batch_size: AtLeastOne = 1024
     #: Seconds between polls when no notification arrives: the upper bound on
     #: how late a row is picked up if a NOTIFY is lost or LISTEN is down.
     relay_poll_interval: Positive = 1.0

@@ -33,8 +33,12 @@ API_VERSION = "1.0.0"
 def create_engine(settings: ServiceSettings) -> AsyncEngine:
     return create_async_engine(
         sqlalchemy_url(settings.database_url),
+        # A fixed pool: requests beyond it wait (up to pool_timeout) for a
+        # connection. Overflow connections would be closed on return, so a
+        # steady load above the pool size would start a PostgreSQL backend
+        # for most requests.
         pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        max_overflow=0,
         # Fail fast when PostgreSQL is unreachable, so a request answers 503
         # instead of hanging until the client gives up.
         pool_timeout=5,

@@ -24,6 +24,7 @@ from litestar.exceptions.http_exceptions import ClientException
 from litestar.openapi import ResponseSpec
 from litestar.serialization import encode_json
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.errors import (
     AuthenticationError,
@@ -234,6 +235,8 @@ EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     DBAPIError: _dbapi,
     OSError: _database_unavailable,
     TimeoutError: _database_unavailable,
+    # Every pooled connection stayed busy for pool_timeout: overloaded.
+    PoolTimeoutError: _database_unavailable,
     Exception: _unexpected,
 }
 

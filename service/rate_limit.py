@@ -1,9 +1,12 @@
 """Each principal's request rate, counted in Redis so it holds across replicas.
 
-The counter is a moving window (the ``limits`` library): at most N requests
-in any 60 seconds, without the double burst a fixed window allows at its
-edges. Every API replica points at the same Redis, so a principal gets N per
-minute in all, not N per replica.
+The counter is a sliding window counter (the ``limits`` library): the count
+of the current minute plus the previous minute's, weighted by how much of it
+still lies in the last 60 seconds. That avoids the double burst a fixed
+window allows at its edges, and costs one O(1) script in Redis per request
+whatever N is; a moving window keeps one list entry per request and walks it,
+which gets slower the higher the limit. Every API replica points at the same
+Redis, so a principal gets N per minute in all, not N per replica.
 
 When Redis cannot be reached the request goes through (fail open) and a
 WARNING is logged: the limit protects capacity, and refusing every request
@@ -20,7 +23,7 @@ from typing import Any
 import structlog
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -44,7 +47,7 @@ def async_storage_url(url: str) -> str:
 
 
 class PrincipalRateLimiter:
-    """At most ``per_minute`` requests per principal in any 60 seconds."""
+    """About ``per_minute`` requests per principal in any 60 seconds."""
 
     def __init__(self, storage_url: str, per_minute: int, key_prefix: str) -> None:
         self._limit = RateLimitItemPerMinute(per_minute)
@@ -55,7 +58,7 @@ class PrincipalRateLimiter:
             connect_timeout=STORE_TIMEOUT_SECONDS,
             stream_timeout=STORE_TIMEOUT_SECONDS,
         )
-        self._limiter = MovingWindowRateLimiter(self._storage)
+        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> PrincipalRateLimiter | None:
@@ -79,8 +82,8 @@ class PrincipalRateLimiter:
             logger.warning("rate_limit_unavailable", error=type(exc).__name__)
             return
 
-        # The moving window frees a slot when its oldest request turns 60
-        # seconds old; that is when a retry can succeed.
+        # The library's estimate of when the weighted count drops below the
+        # limit again; that is when a retry can succeed.
         retry_after = max(1, math.ceil(window.reset_time - time.time()))
         raise RateLimitedError(retry_after)
 

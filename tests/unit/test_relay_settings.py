@@ -15,7 +15,7 @@ def test_defaults_point_at_local_servers() -> None:
     assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/outbox_tasks"
     assert settings.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
     assert settings.amqp_prefix == "tasks"
-    assert settings.relay_batch_size == 256
+    assert settings.relay_batch_size == 1024
     assert settings.relay_max_attempts == 25
     assert settings.relay_name.endswith(f"-{os.getpid()}")
     assert settings.log_json is None
