@@ -117,7 +117,7 @@ def pipeline(
         "RETRY_BACKOFF_MAX_SECONDS",
     ):
         env.pop(test_only)
-    env.update(API_RATE_LIMIT_PER_MINUTE="100000000", **extra_env)
+    env.update({"API_RATE_LIMIT_PER_MINUTE": "100000000", **extra_env})
     log_dir.mkdir(parents=True, exist_ok=True)
     group = ProcessGroup(env=env, log_dir=log_dir, api_port=int(env["API_PORT"]))
     try:

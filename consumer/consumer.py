@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
-import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from opentelemetry.sdk.trace import TracerProvider
@@ -58,6 +57,7 @@ from consumer.settings import ConsumerSettings
 from consumer.sweeper import StuckTaskSweeper
 from consumer.topology import TopologyNames, declare_topology
 from outbox_relay.config import sqlalchemy_url
+from service.database import json_text
 from service.registry import HandlerRegistry
 from service.tracing import (
     create_tracer_provider,
@@ -152,7 +152,7 @@ class TaskConsumer:
             pool_pre_ping=False,
             # Parameters carry results; they must not reach the logs.
             hide_parameters=True,
-            json_serializer=_json_dumps,
+            json_serializer=json_text,
             connect_args={"timeout": 10},
         )
         try:
@@ -451,8 +451,3 @@ def _channel_open(message: AbstractIncomingMessage) -> bool:
     except aiormq.exceptions.ChannelInvalidStateError:
         # aio-pika raises instead of answering once the channel has closed.
         return False
-
-
-def _json_dumps(value: object) -> str:
-    # msgspec writes what json.dumps would refuse or mangle (NaN becomes null).
-    return msgspec.json.encode(value).decode()

@@ -11,16 +11,13 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from litestar.plugins.prometheus import PrometheusConfig
 from opentelemetry.sdk.trace import TracerProvider
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from outbox_relay.config import sqlalchemy_url
-from service.auth import require_api_key, require_scope
-from service.middleware import RequestContextMiddleware
+from service.auth import ApiAccessMiddleware
+from service.database import create_engine
+from service.middleware import RequestTelemetryMiddleware
 from service.problems import EXCEPTION_HANDLERS
-from service.rate_limit import PrincipalRateLimiter, enforce_rate_limit
+from service.rate_limit import PrincipalRateLimiter
 from service.registry import HandlerRegistry, load_registry
 from service.request import ServiceRequest
 from service.routes import TaskController, list_task_types, live, metrics, ready
@@ -28,27 +25,6 @@ from service.settings import ServiceSettings
 from service.tracing import create_tracer_provider, tracing_exported
 
 API_VERSION = "1.0.0"
-
-
-def create_engine(settings: ServiceSettings) -> AsyncEngine:
-    return create_async_engine(
-        sqlalchemy_url(settings.database_url),
-        # A fixed pool: requests beyond it wait (up to pool_timeout) for a
-        # connection. Overflow connections would be closed on return, so a
-        # steady load above the pool size would start a PostgreSQL backend
-        # for most requests.
-        pool_size=settings.db_pool_size,
-        max_overflow=0,
-        # Fail fast when PostgreSQL is unreachable, so a request answers 503
-        # instead of hanging until the client gives up.
-        pool_timeout=5,
-        pool_pre_ping=False,
-        connect_args={
-            "timeout": 5,
-            "command_timeout": 30,
-            "server_settings": {"application_name": "outbox-tasks-api"},
-        },
-    )
 
 
 def create_app(
@@ -83,30 +59,12 @@ def create_app(
                 await asyncio.to_thread(provider.shutdown)
 
     # Everything under /api/v1 is behind the key check, so a route added
-    # here later cannot be reachable without a key. Guards run in this
-    # order; the rate is counted before the scope is checked, since a
-    # refused request costs the server too.
+    # here later cannot be reachable without a key.
     api_v1 = Router(
         "/api/v1",
         route_handlers=[TaskController, list_task_types],
-        guards=[require_api_key, enforce_rate_limit, require_scope],
+        middleware=[ApiAccessMiddleware()],
         security=[{"apiKey": []}],
-    )
-
-    prometheus = PrometheusConfig(
-        app_name="outbox_tasks_api",
-        prefix="outbox_tasks_api",
-        group_path=True,
-        exclude=["/metrics"],
-    )
-
-    # Litestar wraps the whole application in this middleware, so a span is
-    # current in every other middleware (the request context binds its trace
-    # id). The ASGI receive/send sub-spans would only add noise.
-    opentelemetry = OpenTelemetryConfig(
-        tracer_provider=provider,
-        exclude=["^/health/", "^/metrics$", "^/schema"],
-        exclude_spans=["receive", "send"],
     )
 
     return Litestar(
@@ -119,8 +77,7 @@ def create_app(
         lifespan=[database],
         state=State({"settings": settings, "registry": registry}),
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[RequestContextMiddleware(), prometheus.middleware],
-        plugins=[OpenTelemetryPlugin(opentelemetry)],
+        middleware=[RequestTelemetryMiddleware(provider.get_tracer("service"))],
         request_max_body_size=settings.api_max_body_bytes,
         request_class=ServiceRequest,
         openapi_config=OpenAPIConfig(

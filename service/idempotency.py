@@ -13,14 +13,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import msgspec
-from sqlalchemy import func, literal_column, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import ReturningInsert
 
+from service import queries
 from service.errors import IdempotencyKeyReusedError
-from service.models import IdempotencyKey
 from service.schemas import TaskCreate
 
 
@@ -41,7 +38,7 @@ def request_hash(data: TaskCreate) -> str:
 
 
 async def claim(
-    conn: AsyncConnection, claim: IdempotencyClaim, task_id: uuid.UUID
+    conn: asyncpg.Connection[Any], claim: IdempotencyClaim, task_id: uuid.UUID
 ) -> uuid.UUID | None:
     """Record that ``task_id`` answers this key, or return the task that already does.
 
@@ -54,37 +51,28 @@ async def claim(
 
     Raises IdempotencyKeyReusedError when the key answers a different body.
     """
-    expired = IdempotencyKey.created_at <= func.now() - func.make_interval(
-        0, 0, 0, 0, 0, 0, claim.ttl_seconds
-    )
-    new_row = insert(IdempotencyKey).values(
-        owner=claim.owner,
-        key=claim.key,
-        request_hash=claim.request_hash,
-        task_id=task_id,
-    )
-    take_unless_live: ReturningInsert[Any] = new_row.on_conflict_do_update(
-        index_elements=[IdempotencyKey.owner, IdempotencyKey.key],
-        set_={
-            "request_hash": new_row.excluded.request_hash,
-            "task_id": new_row.excluded.task_id,
-            "created_at": func.now(),
-        },
-        where=expired,
-    ).returning(literal_column("1"))
-    if (await conn.execute(take_unless_live)).first() is not None:
-        return None
+    while True:
+        taken = await conn.fetchval(
+            queries.CLAIM_IDEMPOTENCY_KEY,
+            claim.owner,
+            claim.key,
+            claim.request_hash,
+            task_id,
+            claim.ttl_seconds,
+        )
+        if taken is not None:
+            return None
 
-    # The conflicting row is committed and live: its request and task decide.
-    existing = (
-        await conn.execute(
-            select(IdempotencyKey.request_hash, IdempotencyKey.task_id).where(
-                IdempotencyKey.owner == claim.owner, IdempotencyKey.key == claim.key
+        # The conflicting row is committed and live: its request and task
+        # decide.
+        existing = await conn.fetchrow(
+            queries.IDEMPOTENCY_KEY_HOLDER, claim.owner, claim.key
+        )
+        if existing is None:
+            # Deleted by hand between the two statements: the key is free.
+            continue
+        if existing["request_hash"] != claim.request_hash:
+            raise IdempotencyKeyReusedError(
+                "this Idempotency-Key was used with a different request body"
             )
-        )
-    ).one()
-    if existing.request_hash != claim.request_hash:
-        raise IdempotencyKeyReusedError(
-            "this Idempotency-Key was used with a different request body"
-        )
-    return uuid.UUID(str(existing.task_id))
+        return uuid.UUID(str(existing["task_id"]))

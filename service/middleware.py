@@ -1,15 +1,23 @@
-"""Per-request context: the request id, the trace context and one log line.
+"""Per-request telemetry: the request id, the trace span, metrics and one log line.
 
-The request id comes from ``X-Request-ID`` when the client sends a sane one,
-otherwise it is generated; it is echoed in the response, bound to every log
-line of the request, and stored on the outbox rows the request writes, so the
-consumer's log lines for the task carry it too.
+One middleware does all four, so a request pays for one wrapper around
+``send`` instead of one per concern. It runs once Litestar has routed the
+request (app-level middleware is part of each route), so the route's path
+template names the span and labels the metrics.
 
-The trace comes from OpenTelemetry's middleware, which runs outside this one
-(Litestar puts it around the whole application): it continues the caller's
-``traceparent`` or starts a trace, so here a span is always current. Its
-trace id is bound to the log lines as ``trace_id``, and its ``traceparent``
-goes on the outbox rows beside the request id.
+- **Request id.** From ``X-Request-ID`` when the client sends a sane one,
+  otherwise generated; echoed in the response, bound to every log line of
+  the request, and stored on the outbox rows the request writes, so the
+  consumer's log lines for the task carry it too.
+- **Trace.** A server span continues the caller's ``traceparent`` or starts a
+  trace. Its trace id is bound to the log lines as ``trace_id``, and its
+  ``traceparent`` goes on the outbox rows beside the request id. Probes,
+  ``/metrics`` and the schema are not traced.
+- **Metrics.** Requests, errors, durations and requests in progress per
+  method and route, through ``prometheus_client``; ``/metrics`` itself is not
+  counted. The names are those of ``API_METRICS_PREFIX`` (see the README).
+- **Access log.** One ``http_request`` line per request, unless the route sets
+  ``opt["skip_access_log"]`` (the probes).
 """
 
 from __future__ import annotations
@@ -17,79 +25,153 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import structlog
 from litestar import Request
-from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from prometheus_client import Counter, Gauge, Histogram
 
-from service.tracing import current_trace_headers, current_trace_id
+from service.tracing import current_trace_headers, extract_context
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+#: Start of every API metric's name.
+API_METRICS_PREFIX = "outbox_tasks_api"
+
+#: Paths (by prefix) that get no span: probes, metrics and the API's schema.
+UNTRACED_PREFIXES = ("/health/", "/metrics", "/schema")
+
+REQUESTS = Counter(
+    f"{API_METRICS_PREFIX}_requests_total",
+    "HTTP requests answered.",
+    ["method", "path", "status_code"],
+)
+ERRORS = Counter(
+    f"{API_METRICS_PREFIX}_requests_error_total",
+    "HTTP requests answered with a 5xx status.",
+    ["method", "path", "status_code"],
+)
+DURATION = Histogram(
+    f"{API_METRICS_PREFIX}_request_duration_seconds",
+    "Time from a request's arrival until its response was sent, in seconds.",
+    ["method", "path", "status_code"],
+)
+IN_PROGRESS = Gauge(
+    f"{API_METRICS_PREFIX}_requests_in_progress",
+    "HTTP requests being handled now.",
+    ["method", "path"],
+)
+
 logger = structlog.get_logger("service.access")
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def _request_id(scope: Scope) -> str:
     for key, value in scope.get("headers", ()):
-        if key == name:
-            try:
-                return str(value.decode("latin-1"))
-            except UnicodeDecodeError:
-                return None
-    return None
+        if key == b"x-request-id":
+            supplied = value.decode("latin-1")
+            if _SANE_REQUEST_ID.match(supplied):
+                return supplied
+            break
+    return uuid.uuid4().hex
 
 
-class RequestContextMiddleware(ASGIMiddleware):
+def _trace_carrier(scope: Scope) -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    for key, value in scope.get("headers", ()):
+        if key in (b"traceparent", b"tracestate"):
+            carrier[key.decode("latin-1")] = value.decode("latin-1")
+    return carrier
+
+
+class RequestTelemetryMiddleware(ASGIMiddleware):
     scopes = (ScopeType.HTTP,)
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
 
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp
     ) -> None:
-        supplied = _header(scope, b"x-request-id")
-        request_id = (
-            supplied
-            if supplied and _SANE_REQUEST_ID.match(supplied)
-            else uuid.uuid4().hex
-        )
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["trace_headers"] = current_trace_headers()
-
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        trace_id = current_trace_id()
-        if trace_id is not None:
-            structlog.contextvars.bind_contextvars(trace_id=trace_id)
         started = time.perf_counter()
+        method: str = scope["method"]  # type: ignore[typeddict-item]
+        path: str = scope.get("path_template") or scope["path"]
+        route = scope.get("route_handler")
+        request_id = _request_id(scope)
         status = 500
 
         async def send_with_request_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableScopeHeaders.from_message(message)[REQUEST_ID_HEADER] = (
-                    request_id
-                )
+                # Raw headers, so the response's own stay as they were.
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
             await send(message)
 
-        try:
-            await next_app(scope, receive, send_with_request_id)
-        finally:
-            route = scope.get("route_handler")
-            if not (route and route.opt.get("skip_access_log")):
-                logger.info(
-                    "http_request",
-                    method=scope.get("method"),
-                    path=scope.get("path"),
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["trace_headers"] = {}
+        counted = path != "/metrics"
+        if counted:
+            IN_PROGRESS.labels(method, path).inc()
+
+        traced = not scope["path"].startswith(UNTRACED_PREFIXES)
+        with self._span(scope, method, path) if traced else nullcontext() as span:
+            if span is not None:
+                state["trace_headers"] = current_trace_headers()
+                structlog.contextvars.bind_contextvars(
+                    trace_id=trace.format_trace_id(span.get_span_context().trace_id)
                 )
-            structlog.contextvars.clear_contextvars()
+            try:
+                await next_app(scope, receive, send_with_request_id)
+            finally:
+                duration = time.perf_counter() - started
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                if counted:
+                    code = str(status)
+                    IN_PROGRESS.labels(method, path).dec()
+                    REQUESTS.labels(method, path, code).inc()
+                    DURATION.labels(method, path, code).observe(duration)
+                    if status >= 500:
+                        ERRORS.labels(method, path, code).inc()
+                if not (route and route.opt.get("skip_access_log")):
+                    logger.info(
+                        "http_request",
+                        method=method,
+                        path=scope["path"],
+                        status=status,
+                        duration_ms=round(duration * 1000, 2),
+                    )
+                structlog.contextvars.clear_contextvars()
+
+    def _span(
+        self, scope: Scope, method: str, path: str
+    ) -> AbstractContextManager[Span]:
+        """A server span for the request, continuing the caller's trace."""
+        return self._tracer.start_as_current_span(
+            f"{method} {path}",
+            context=extract_context(_trace_carrier(scope)),
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "http.route": path,
+                "url.path": scope["path"],
+            },
+        )
 
 
 def outbox_headers(request: Request[Any, Any, Any]) -> dict[str, str]:

@@ -12,6 +12,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response
@@ -223,6 +224,15 @@ def _dbapi(request: Request[Any, Any, Any], exc: DBAPIError) -> Response[Any]:
     return _unexpected(request, exc)
 
 
+def _driver(
+    request: Request[Any, Any, Any], exc: asyncpg.PostgresError
+) -> Response[Any]:
+    """An error of a statement run on the driver's connection directly."""
+    if str(getattr(exc, "sqlstate", "") or "").startswith(_UNAVAILABLE_SQLSTATES):
+        return _database_unavailable(request, exc)
+    return _unexpected(request, exc)
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     logger.exception("request_failed", path=request.url.path)
     return problem_response(500, "internal-error", "An unexpected error occurred.")
@@ -233,6 +243,9 @@ EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     HTTPException: _http,
     ServiceError: _service,
     DBAPIError: _dbapi,
+    asyncpg.PostgresError: _driver,
+    # The driver's connection broke mid-statement (the server went away).
+    asyncpg.InterfaceError: _database_unavailable,
     OSError: _database_unavailable,
     TimeoutError: _database_unavailable,
     # Every pooled connection stayed busy for pool_timeout: overloaded.

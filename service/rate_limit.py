@@ -18,17 +18,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
 
 import structlog
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
 
-from service.api_keys import Principal
 from service.errors import RateLimitedError
 from service.settings import ServiceSettings
 
@@ -86,13 +82,3 @@ class PrincipalRateLimiter:
         # limit again; that is when a retry can succeed.
         retry_after = max(1, math.ceil(window.reset_time - time.time()))
         raise RateLimitedError(retry_after)
-
-
-async def enforce_rate_limit(
-    connection: ASGIConnection[Any, Principal, Any, Any],
-    route_handler: BaseRouteHandler,
-) -> None:
-    """Guard: count the request against its principal's rate."""
-    limiter: PrincipalRateLimiter | None = connection.app.state.rate_limiter
-    if limiter is not None:
-        await limiter.hit(connection.user.name)

@@ -1,7 +1,8 @@
 """HTTP routes of the task API (v1) and the health probes.
 
 The v1 routes are mounted under ``/api/v1`` by ``service.app``, behind the
-guards of ``service.auth``; each names the scope it needs in ``opt["scope"]``.
+access middleware of ``service.auth``; each names the scope it needs in
+``opt["scope"]``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy import text
 
 from service import tasks
 from service.api_keys import Principal, Scope
+from service.database import driver_connection
 from service.idempotency import IdempotencyClaim, request_hash
 from service.middleware import outbox_headers
 from service.models import TaskPriority, TaskStatus
@@ -131,8 +133,8 @@ class TaskController(Controller):
                 request_hash=request_hash(data),
                 ttl_seconds=settings.api_idempotency_ttl_seconds,
             )
-        async with state.engine.connect() as conn:
-            task, created = await tasks.create_task(
+        async with driver_connection(state.engine) as conn:
+            submitted = await tasks.submit_task(
                 conn,
                 data,
                 owner=request.user.name,
@@ -142,9 +144,17 @@ class TaskController(Controller):
                 headers=outbox_headers(request),
                 idempotency_claim=claim,
             )
-        headers = {"Location": f"/api/v1/tasks/{task.id}"}
-        if not created:
+        headers = {}
+        task = submitted.task
+        if task is None:
+            assert submitted.earlier is not None
+            # Committed by the earlier request; read as it is now.
+            async with state.engine.connect() as reading:
+                task = await tasks.get_task(
+                    reading, submitted.earlier, owner=request.user.name
+                )
             headers["Idempotent-Replayed"] = "true"
+        headers["Location"] = f"/api/v1/tasks/{task.id}"
         return LitestarResponse(task, status_code=201, headers=headers)
 
     @get(

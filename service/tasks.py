@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import msgspec
 from sqlalchemy import (
     ColumnElement,
     Select,
     func,
-    insert,
     select,
     true,
     tuple_,
@@ -29,7 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox_relay.outbox import OutboxMessage, enqueue
-from service import idempotency
+from service import idempotency, queries
+from service.database import json_text
 from service.errors import (
     InvalidCursorError,
     InvalidParameterError,
@@ -63,15 +64,34 @@ def _read(row: Any) -> TaskRead:
     return msgspec.convert(dict(row._mapping), TaskRead, from_attributes=True)
 
 
+def _announcement(
+    routing_key: str,
+    *,
+    task_id: uuid.UUID,
+    task_type: str,
+    status: TaskStatus,
+    headers: Mapping[str, str],
+    available_at: datetime | None = None,
+) -> OutboxMessage:
+    """The outbox message of a task event: the body every consumer reads."""
+    return OutboxMessage(
+        routing_key=routing_key,
+        body={"task_id": str(task_id), "type": task_type, "status": status.value},
+        correlation_id=str(task_id),
+        headers=headers,
+        available_at=available_at,
+    )
+
+
 def _event(
     routing_key: str, task: TaskRead, headers: Mapping[str, str]
 ) -> OutboxMessage:
-    return OutboxMessage(
-        routing_key=routing_key,
-        body={"task_id": str(task.id), "type": task.type, "status": task.status},
-        correlation_id=str(task.id),
+    return _announcement(
+        routing_key,
+        task_id=task.id,
+        task_type=task.type,
+        status=task.status,
         headers=headers,
-        available_at=task.run_at if routing_key == "task.created" else None,
     )
 
 
@@ -157,8 +177,16 @@ def validate_submission(
     return task_type.name, msgspec.to_builtins(normalised)
 
 
-async def create_task(
-    conn: AsyncConnection,
+class Submitted(msgspec.Struct, frozen=True):
+    """What :func:`submit_task` did: created ``task``, or found that an
+    earlier request with the same idempotency key created ``earlier``."""
+
+    task: TaskRead | None = None
+    earlier: uuid.UUID | None = None
+
+
+async def submit_task(
+    conn: asyncpg.Connection[Any],
     data: TaskCreate,
     *,
     owner: str,
@@ -167,43 +195,71 @@ async def create_task(
     max_attempts: int,
     headers: Mapping[str, str],
     idempotency_claim: IdempotencyClaim | None = None,
-) -> tuple[TaskRead, bool]:
+) -> Submitted:
     """Insert the task as NEW and its ``task.created`` outbox row, atomically.
 
-    With an idempotency claim the key is claimed first, in the same
-    transaction: if an earlier request holds it, nothing is inserted and
-    that request's task is returned instead. The flag says whether the task
-    was created now.
+    Without an idempotency claim this is one statement, so one round trip
+    and one commit. With one, the key is claimed first in the same
+    transaction; if an earlier request holds it, nothing is inserted and the
+    earlier request's task id is returned instead. If the process dies
+    before the commit, nothing was written; after it, the task stands and
+    the relay publishes it, whether or not the client heard the answer.
     """
     task_id = uuid.uuid4()
-    async with conn.begin():
-        if idempotency_claim is not None:
+    announcement = _announcement(
+        "task.created",
+        task_id=task_id,
+        task_type=task_type,
+        status=TaskStatus.NEW,
+        headers=headers,
+        available_at=data.run_at,
+    )
+    arguments = (
+        task_id,
+        owner,
+        data.title,
+        data.description,
+        task_type,
+        json_text(payload),
+        data.priority.value,
+        max_attempts,
+        data.run_at,
+        json_text(headers),
+        announcement.routing_key,
+        json_text(announcement.body),
+        json_text(announcement.headers),
+        announcement.correlation_id,
+        announcement.available_at,
+    )
+    if idempotency_claim is None:
+        row = await conn.fetchrow(queries.SUBMIT_TASK, *arguments)
+    else:
+        async with conn.transaction():
             earlier = await idempotency.claim(conn, idempotency_claim, task_id)
             if earlier is not None:
-                return await get_task(conn, earlier, owner=owner), False
+                return Submitted(earlier=earlier)
+            row = await conn.fetchrow(queries.SUBMIT_TASK, *arguments)
+    assert row is not None  # the INSERT ... RETURNING gives its one row
 
-        row = (
-            await conn.execute(
-                insert(Task)
-                .values(
-                    id=task_id,
-                    owner=owner,
-                    title=data.title,
-                    description=data.description,
-                    type=task_type,
-                    payload=payload,
-                    priority=data.priority.value,
-                    status=TaskStatus.NEW.value,
-                    max_attempts=max_attempts,
-                    run_at=data.run_at,
-                    trace_headers=dict(headers),
-                )
-                .returning(*_TASK_COLUMNS)
-            )
-        ).one()
-        task = _read(row)
-        await enqueue(conn, _event("task.created", task, headers))
-    return task, True
+    task = TaskRead(
+        id=task_id,
+        title=data.title,
+        description=data.description,
+        type=task_type,
+        payload=payload,
+        priority=data.priority,
+        status=TaskStatus.NEW,
+        attempts=0,
+        max_attempts=max_attempts,
+        result=None,
+        error=None,
+        run_at=data.run_at,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=None,
+        completed_at=None,
+    )
+    return Submitted(task=task)
 
 
 async def get_task(

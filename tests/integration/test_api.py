@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
+from service import queries
 from service.app import create_app
 from service.handlers import checksum_of
 from service.settings import ServiceSettings
@@ -328,3 +329,14 @@ async def test_metrics_count_requests_by_route(client: AsyncTestClient[Any]) -> 
 def test_checksum_result_is_deterministic() -> None:
     assert checksum_of("abc") == checksum_of("abc")
     assert checksum_of("abc")["sha256"] != checksum_of("abc", rounds=2)["sha256"]
+
+
+async def test_every_hot_path_statement_prepares_against_the_migrated_schema(
+    db: asyncpg.Connection,
+) -> None:
+    assert queries.ALL, "no statements registered"
+    for name, sql in queries.ALL.items():
+        try:
+            await db.prepare(sql)
+        except asyncpg.PostgresError as exc:
+            pytest.fail(f"statement {name} does not prepare: {exc}")
