@@ -16,6 +16,11 @@ The order is what makes a redelivered message harmless:
    follow-up outbox message. Two deliveries of one message may both run the
    handler, but only one of them commits an effect.
 
+Steps 1 and 3 each have a one-statement form for the common case, a ready
+task whose handler succeeded (see :mod:`consumer.queries`); anything else
+takes the transactions described above. Either way the task row is locked
+before the inbox is touched.
+
 The caller acknowledges the message only after :meth:`MessageProcessor.process`
 returns, i.e. after the commit; a crash in between means a redelivery, which
 step 1 or 3 recognises. A transaction that fails because the database is
@@ -30,12 +35,13 @@ import enum
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 from sqlalchemy import RowMapping
@@ -62,6 +68,7 @@ from consumer.messages import (
 )
 from consumer.outage import DatabaseOutage
 from outbox_relay.outbox import enqueue
+from service.database import driver_connection, json_text
 from service.errors import UnknownTaskTypeError
 from service.models import TERMINAL_STATUSES, TaskStatus
 from service.registry import (
@@ -244,6 +251,10 @@ class MessageProcessor:
         self, delivery: Delivery, message: TaskMessage
     ) -> _Claim | _Settled:
         """Step 1: mark the task IN_PROGRESS and count the attempt."""
+        claimed = await self._claim_ready(delivery, message)
+        if claimed is not None:
+            return claimed
+
         async with self._transaction() as conn:
             task = await self._lock_task(conn, message.task_id, delivery)
             if task["seen"]:
@@ -273,6 +284,35 @@ class MessageProcessor:
             task_id=message.task_id,
             task_type=task_type.name,
             attempt=attempt,
+            max_attempts=task["max_attempts"],
+            cancelled=asyncio.Event(),
+        )
+        return _Claim(
+            task_type=task_type,
+            payload=task["payload"],
+            context=context,
+            created_at=task["created_at"],
+        )
+
+    async def _claim_ready(
+        self, delivery: Delivery, message: TaskMessage
+    ) -> _Claim | None:
+        """Step 1 for a task ready to run, in one statement; None otherwise."""
+        async with self._driver() as conn:
+            task = await conn.fetchrow(
+                queries.CLAIM_READY_TASK,
+                message.task_id,
+                delivery.message_id,
+                self._registry.names(),
+            )
+        if task is None:
+            return None
+
+        task_type = self._task_type(task["type"])
+        context = TaskContext(
+            task_id=message.task_id,
+            task_type=task_type.name,
+            attempt=task["attempts"],
             max_attempts=task["max_attempts"],
             cancelled=asyncio.Event(),
         )
@@ -389,6 +429,11 @@ class MessageProcessor:
     async def _record_once(
         self, delivery: Delivery, claim: _Claim, result: _Succeeded | _Raised
     ) -> Outcome:
+        if isinstance(result, _Succeeded) and claim.task_type.recorder is None:
+            outcome = await self._record_completion(delivery, claim, result)
+            if outcome is not None:
+                return outcome
+
         context = claim.context
         headers = follow_up_headers(delivery)
 
@@ -468,6 +513,44 @@ class MessageProcessor:
             )
             return Outcome.RETRY_SCHEDULED
 
+    async def _record_completion(
+        self, delivery: Delivery, claim: _Claim, result: _Succeeded
+    ) -> Outcome | None:
+        """Step 3 for a success without a recorder, in one statement.
+
+        None when the task is gone; the transaction path then says so.
+        """
+        context = claim.context
+        event = lifecycle_event(
+            TASK_COMPLETED,
+            task_id=context.task_id,
+            task_type=claim.task_type.name,
+            status=TaskStatus.COMPLETED,
+            # Replaced by the row's count in the statement.
+            attempts=context.attempt,
+            headers=follow_up_headers(delivery),
+        )
+        async with self._driver() as conn:
+            task = await conn.fetchrow(
+                queries.RECORD_COMPLETION,
+                context.task_id,
+                delivery.message_id,
+                delivery.routing_key,
+                json_text(result.result),
+                json_text(event.body),
+                json_text(event.headers),
+                event.correlation_id,
+            )
+        if task is None:
+            return None
+        if not task["recorded"]:
+            return Outcome.DUPLICATE
+        if task["status"] == TaskStatus.CANCELLED:
+            return Outcome.CANCELLED
+        if task["status"] in TERMINAL_STATUSES:
+            return Outcome.ALREADY_FINISHED
+        return Outcome.COMPLETED
+
     async def _lock_task(
         self, conn: AsyncConnection, task_id: uuid.UUID, delivery: Delivery
     ) -> RowMapping:
@@ -491,15 +574,31 @@ class MessageProcessor:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         """A transaction whose driver errors are translated once, here."""
-        try:
+        with _translated_errors():
             async with self._engine.begin() as conn:
                 yield conn
-        except ConsumerError:
-            raise
-        except Exception as exc:
-            if is_transient_database_error(exc):
-                raise DatabaseUnavailableError(_describe(exc)) from exc
-            raise
+
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[asyncpg.Connection[Any]]:
+        """A pooled connection as the driver's own, for single statements
+        (each its own transaction); errors translated as for transactions."""
+        with _translated_errors():
+            async with driver_connection(self._engine) as conn:
+                yield conn
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Raise an error that means "the database is unreachable or busy" as
+    :class:`DatabaseUnavailableError`; let every other one through."""
+    try:
+        yield
+    except ConsumerError:
+        raise
+    except Exception as exc:
+        if is_transient_database_error(exc):
+            raise DatabaseUnavailableError(_describe(exc)) from exc
+        raise
 
 
 def follow_up_headers(delivery: Delivery) -> dict[str, str]:

@@ -7,6 +7,13 @@ records the outcome (``LOCK_TASK``, ``RECORD_INBOX``, then one of
 ``COMPLETE_TASK``, ``FAIL_TASK`` or ``SCHEDULE_RETRY``). Both lock the task row
 before touching the inbox, so two deliveries of one message serialise on the
 task and never deadlock.
+
+Most deliveries take the common path: a task ready to run, whose handler
+succeeds. For that path :data:`CLAIM_READY_TASK` and :data:`RECORD_COMPLETION`
+do each transaction's work in a single statement, run as plain SQL on the
+driver's connection (one round trip each, no statement building); whatever
+they do not cover falls back to the statements above. They keep the same
+order: task row first, inbox second.
 """
 
 from __future__ import annotations
@@ -198,9 +205,76 @@ INBOX_THROUGHPUT = text(
     """
 )
 
+#: The common claim in one statement: start the next attempt of task ``$1``
+#: if it is ready to run (NEW or PENDING, or IN_PROGRESS with attempts left,
+#: i.e. its previous consumer died), of a type this consumer knows (``$3``,
+#: an array of names), and message ``$2`` has no inbox row. Returns what the
+#: attempt needs, or no row; then :data:`LOCK_TASK` decides in a transaction
+#: of its own (duplicate, finished, interrupted for the last time, unknown
+#: type, or gone). The UPDATE locks the row and re-checks the status on its
+#: newest version; the inbox check is a plain read, as in :data:`LOCK_TASK`.
+CLAIM_READY_TASK = """
+UPDATE tasks
+   SET status = 'IN_PROGRESS',
+       attempts = attempts + 1,
+       started_at = now(),
+       updated_at = now()
+ WHERE id = $1::uuid
+   AND type = ANY($3::text[])
+   AND (status IN ('NEW', 'PENDING')
+        OR (status = 'IN_PROGRESS' AND attempts < max_attempts))
+   AND NOT EXISTS (SELECT 1 FROM inbox WHERE message_id = $2::text)
+RETURNING type, payload, attempts, max_attempts, created_at
+"""
+
+#: The common outcome in one statement: lock task ``$1``, insert the inbox
+#: row of message ``$2`` (routing key ``$3``), and only if that insert won and
+#: the task is not terminal, complete it with result ``$4`` (JSON) and write
+#: its ``task.completed`` event: body ``$5`` (JSON, whose ``attempts`` is set
+#: here from the row), headers ``$6`` (JSON), correlation id ``$7``. All of it
+#: or nothing, in one round trip and without an explicit transaction.
+#:
+#: ``locked`` runs first because ``recorded`` reads it, so the task row is
+#: locked before the inbox is touched, as everywhere else. Returns the task's
+#: status as locked (before this statement changed it) and whether the inbox
+#: row is this delivery's; no row if the task does not exist. Tasks whose type
+#: has a recorder, and failed attempts, are recorded by the statements above.
+RECORD_COMPLETION = """
+WITH locked AS (
+    SELECT id, status FROM tasks WHERE id = $1::uuid FOR UPDATE
+),
+recorded AS (
+    INSERT INTO inbox (message_id, routing_key)
+    SELECT $2::text, $3::text FROM locked
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+),
+completed AS (
+    UPDATE tasks AS t
+       SET status = 'COMPLETED',
+           result = $4::text::jsonb,
+           error = NULL,
+           completed_at = now(),
+           updated_at = now()
+      FROM locked
+     WHERE t.id = locked.id
+       AND locked.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
+       AND EXISTS (SELECT 1 FROM recorded)
+    RETURNING t.id, t.attempts
+),
+announced AS (
+    INSERT INTO outbox (routing_key, body, headers, correlation_id)
+    SELECT 'task.completed',
+           jsonb_set($5::text::jsonb, '{attempts}', to_jsonb(attempts)),
+           $6::text::jsonb, $7::text
+      FROM completed
+)
+SELECT locked.status, EXISTS (SELECT 1 FROM recorded) AS recorded FROM locked
+"""
+
 #: Every statement above by name, for the test that prepares each one against
 #: the migrated schema.
-ALL: dict[str, TextClause] = {
+ALL: dict[str, TextClause | str] = {
     "LOCK_TASK": LOCK_TASK,
     "START_ATTEMPT": START_ATTEMPT,
     "RECORD_INBOX": RECORD_INBOX,
@@ -211,4 +285,6 @@ ALL: dict[str, TextClause] = {
     "SWEEP_STUCK_TASKS": SWEEP_STUCK_TASKS,
     "CANCELLED_AMONG": CANCELLED_AMONG,
     "INBOX_THROUGHPUT": INBOX_THROUGHPUT,
+    "CLAIM_READY_TASK": CLAIM_READY_TASK,
+    "RECORD_COMPLETION": RECORD_COMPLETION,
 }

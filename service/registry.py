@@ -98,6 +98,10 @@ class HandlerRegistry:
         except KeyError:
             raise UnknownTaskTypeError(name) from None
 
+    def names(self) -> list[str]:
+        """The registered type names, sorted."""
+        return sorted(self._types)
+
     def __contains__(self, name: object) -> bool:
         return name in self._types
 

@@ -309,7 +309,7 @@ async def test_every_query_prepares_against_the_migrated_schema(
     dialect = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
     assert queries.ALL, "no queries registered"
     for name, query in queries.ALL.items():
-        sql = str(query.compile(dialect=dialect))
+        sql = query if isinstance(query, str) else str(query.compile(dialect=dialect))
         try:
             await db.prepare(sql)
         except asyncpg.PostgresError as exc:
@@ -581,6 +581,89 @@ async def test_recorded_effect_happens_once_however_often_delivered(
     assert [(row["task_id"], row["amount"]) for row in ledger] == [(task_id, 7)]
     assert len(await harness.outbox(task_id, "task.completed")) == 1
     assert await harness.inbox_count(message_id) == 1
+
+
+async def test_overlapping_deliveries_of_a_plain_task_complete_it_once(
+    harness: Harness,
+) -> None:
+    consumer = await harness.start()
+    task_id = await harness.insert_task("sleep", {"seconds": 0.5})
+
+    # A type without a recorder completes in one statement; the inbox insert
+    # inside it is what keeps the second delivery from completing it again.
+    message_id = await harness.publish(task_id, "sleep")
+    await harness.publish(task_id, "sleep", message_id=message_id)
+    await harness.wait_status(task_id, "COMPLETED")
+    await eventually(
+        lambda: asyncio.sleep(0, result=consumer.in_flight == 0), "deliveries done"
+    )
+
+    task = await harness.task(task_id)
+    assert task["attempts"] == 2, "the two deliveries did not overlap"
+    events = await harness.outbox(task_id, "task.completed")
+    assert len(events) == 1
+    assert events[0]["body"]["attempts"] == 2
+    assert await harness.inbox_count(message_id) == 1
+
+
+async def record_completion(
+    db: asyncpg.Connection, task_id: uuid.UUID, message_id: str
+) -> asyncpg.Record | None:
+    return await db.fetchrow(
+        queries.RECORD_COMPLETION,
+        task_id,
+        message_id,
+        "task.created",
+        '{"done": true}',
+        '{"task_id": "t", "attempts": 0}',
+        "{}",
+        str(task_id),
+    )
+
+
+@pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "CANCELLED"])
+async def test_a_completion_never_overwrites_a_terminal_task(
+    harness: Harness, status: str
+) -> None:
+    task_id = await harness.insert_task("sleep", {"seconds": 0}, status=status)
+    before = await harness.task(task_id)
+
+    first = await record_completion(harness.db, task_id, "m-1")
+    again = await record_completion(harness.db, task_id, "m-1")
+
+    assert first is not None and again is not None
+    assert (first["status"], first["recorded"]) == (status, True)
+    assert (again["status"], again["recorded"]) == (status, False)
+    assert dict(await harness.task(task_id)) == dict(before)
+    assert await harness.outbox(task_id) == []
+    assert await harness.inbox_count("m-1") == 1
+
+
+async def test_a_completion_of_a_running_task_writes_its_event_once(
+    harness: Harness,
+) -> None:
+    task_id = await harness.insert_task(
+        "sleep", {"seconds": 0}, status="IN_PROGRESS", attempts=2
+    )
+
+    first = await record_completion(harness.db, task_id, "m-1")
+    again = await record_completion(harness.db, task_id, "m-1")
+
+    assert first is not None and again is not None
+    assert (first["status"], first["recorded"]) == ("IN_PROGRESS", True)
+    assert again["recorded"] is False
+    task = await harness.task(task_id)
+    assert (task["status"], task["result"]) == ("COMPLETED", {"done": True})
+    [event] = await harness.outbox(task_id)
+    assert event["routing_key"] == "task.completed"
+    assert event["body"] == {"task_id": "t", "attempts": 2}
+
+
+async def test_a_completion_of_a_missing_task_records_nothing(
+    harness: Harness,
+) -> None:
+    assert await record_completion(harness.db, uuid.uuid4(), "m-1") is None
+    assert await harness.inbox_count("m-1") == 0
 
 
 async def test_database_outage_requeues_the_message(harness: Harness) -> None:

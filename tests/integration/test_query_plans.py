@@ -88,7 +88,8 @@ async def busy_db(template_database: str) -> AsyncIterator[asyncpg.Connection[An
 
 def _consumer_sql(name: str) -> str:
     dialect = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
-    return str(consumer_queries.ALL[name].compile(dialect=dialect))
+    query = consumer_queries.ALL[name]
+    return query if isinstance(query, str) else str(query.compile(dialect=dialect))
 
 
 #: (statement, its parameters, the indexes its plan must use; ``a|b`` for
