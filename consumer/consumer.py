@@ -265,6 +265,8 @@ class TaskConsumer:
         finally:
             self._accepting = False
             self._stopping.set()
+            # Batched statements still running finish before the pool closes.
+            await self._processor.wait_idle()
             await sweeper.stop()
             stop_task.cancel()
             watcher_task.cancel()

@@ -22,6 +22,9 @@ END_TO_END_BUCKETS = (
     4 * 3600, 24 * 3600,
 )  # fmt: skip
 
+#: Deliveries in one batched statement, up to ``consumer.batching``'s limit.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
 PROCESSED = Counter(
     "consumer_messages_processed",
     "Task messages handled, by outcome (completed, retry_scheduled, failed, ...).",
@@ -48,4 +51,10 @@ END_TO_END = Histogram(
     "From a task's creation to the terminal status this consumer recorded.",
     ["status"],
     buckets=END_TO_END_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "consumer_batch_deliveries",
+    "Deliveries served by one batched statement, by step (claim, complete).",
+    ["step"],
+    buckets=BATCH_BUCKETS,
 )

@@ -17,7 +17,8 @@ The order is what makes a redelivered message harmless:
    handler, but only one of them commits an effect.
 
 Steps 1 and 3 each have a one-statement form for the common case, a ready
-task whose handler succeeded (see :mod:`consumer.queries`); anything else
+task whose handler succeeded, run for many concurrent deliveries at once
+(see :mod:`consumer.queries` and :mod:`consumer.batching`); anything else
 takes the transactions described above. Either way the task row is locked
 before the inbox is touched.
 
@@ -35,7 +36,7 @@ import enum
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,7 @@ from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from consumer import metrics, queries
+from consumer.batching import Batcher
 from consumer.cancellation import CancellationWatcher
 from consumer.errors import (
     ConsumerError,
@@ -67,7 +69,7 @@ from consumer.messages import (
     retry_message,
 )
 from consumer.outage import DatabaseOutage
-from outbox_relay.outbox import enqueue
+from outbox_relay.outbox import OutboxMessage, enqueue
 from service.database import driver_connection, json_text
 from service.errors import UnknownTaskTypeError
 from service.models import TERMINAL_STATUSES, TaskStatus
@@ -129,6 +131,27 @@ class _Settled:
 
 
 @dataclass(frozen=True)
+class _ClaimRequest:
+    task_id: uuid.UUID
+    delivery: Delivery
+
+    def keys(self) -> tuple[Hashable, ...]:
+        return (self.task_id, self.delivery.message_id)
+
+
+@dataclass(frozen=True)
+class _Completion:
+    task_id: uuid.UUID
+    delivery: Delivery
+    #: The handler's result as JSON text.
+    result: str
+    event: OutboxMessage
+
+    def keys(self) -> tuple[Hashable, ...]:
+        return (self.task_id, self.delivery.message_id)
+
+
+@dataclass(frozen=True)
 class _Succeeded:
     result: Any
 
@@ -181,6 +204,21 @@ class MessageProcessor:
         self._outage = outage or DatabaseOutage(asyncio.Event())
         #: Seconds an attempt of a type without its own timeout may run.
         self._time_limit = time_limit
+        self._claims = Batcher(
+            self._claim_ready_tasks,
+            keys=_ClaimRequest.keys,
+            observe=metrics.BATCH_SIZE.labels(step="claim").observe,
+        )
+        self._completions = Batcher(
+            self._record_completions,
+            keys=_Completion.keys,
+            observe=metrics.BATCH_SIZE.labels(step="complete").observe,
+        )
+
+    async def wait_idle(self) -> None:
+        """Wait for the statements of batched steps still running."""
+        await self._claims.wait_idle()
+        await self._completions.wait_idle()
 
     async def process(self, delivery: Delivery) -> Outcome:
         """Process one delivery; when this returns, its effect is committed.
@@ -297,14 +335,8 @@ class MessageProcessor:
     async def _claim_ready(
         self, delivery: Delivery, message: TaskMessage
     ) -> _Claim | None:
-        """Step 1 for a task ready to run, in one statement; None otherwise."""
-        async with self._driver() as conn:
-            task = await conn.fetchrow(
-                queries.CLAIM_READY_TASK,
-                message.task_id,
-                delivery.message_id,
-                self._registry.names(),
-            )
+        """Step 1 for a task ready to run, batched; None otherwise."""
+        task = await self._claims.run(_ClaimRequest(message.task_id, delivery))
         if task is None:
             return None
 
@@ -322,6 +354,19 @@ class MessageProcessor:
             context=context,
             created_at=task["created_at"],
         )
+
+    async def _claim_ready_tasks(
+        self, requests: list[_ClaimRequest]
+    ) -> list[asyncpg.Record | None]:
+        async with self._driver() as conn:
+            rows = await conn.fetch(
+                queries.CLAIM_READY_TASKS,
+                [request.task_id for request in requests],
+                [request.delivery.message_id for request in requests],
+                self._registry.names(),
+            )
+        claimed = {row["message_id"]: row for row in rows}
+        return [claimed.get(request.delivery.message_id) for request in requests]
 
     async def _fail_interrupted(
         self, conn: AsyncConnection, delivery: Delivery, task: RowMapping
@@ -516,7 +561,7 @@ class MessageProcessor:
     async def _record_completion(
         self, delivery: Delivery, claim: _Claim, result: _Succeeded
     ) -> Outcome | None:
-        """Step 3 for a success without a recorder, in one statement.
+        """Step 3 for a success without a recorder, batched.
 
         None when the task is gone; the transaction path then says so.
         """
@@ -530,17 +575,9 @@ class MessageProcessor:
             attempts=context.attempt,
             headers=follow_up_headers(delivery),
         )
-        async with self._driver() as conn:
-            task = await conn.fetchrow(
-                queries.RECORD_COMPLETION,
-                context.task_id,
-                delivery.message_id,
-                delivery.routing_key,
-                json_text(result.result),
-                json_text(event.body),
-                json_text(event.headers),
-                event.correlation_id,
-            )
+        task = await self._completions.run(
+            _Completion(context.task_id, delivery, json_text(result.result), event)
+        )
         if task is None:
             return None
         if not task["recorded"]:
@@ -550,6 +587,23 @@ class MessageProcessor:
         if task["status"] in TERMINAL_STATUSES:
             return Outcome.ALREADY_FINISHED
         return Outcome.COMPLETED
+
+    async def _record_completions(
+        self, completions: list[_Completion]
+    ) -> list[asyncpg.Record | None]:
+        async with self._driver() as conn:
+            rows = await conn.fetch(
+                queries.RECORD_COMPLETIONS,
+                [c.task_id for c in completions],
+                [c.delivery.message_id for c in completions],
+                [c.delivery.routing_key for c in completions],
+                [c.result for c in completions],
+                [json_text(c.event.body) for c in completions],
+                [json_text(c.event.headers) for c in completions],
+                [c.event.correlation_id for c in completions],
+            )
+        recorded = {row["message_id"]: row for row in rows}
+        return [recorded.get(c.delivery.message_id) for c in completions]
 
     async def _lock_task(
         self, conn: AsyncConnection, task_id: uuid.UUID, delivery: Delivery

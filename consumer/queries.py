@@ -9,11 +9,12 @@ before touching the inbox, so two deliveries of one message serialise on the
 task and never deadlock.
 
 Most deliveries take the common path: a task ready to run, whose handler
-succeeds. For that path :data:`CLAIM_READY_TASK` and :data:`RECORD_COMPLETION`
-do each transaction's work in a single statement, run as plain SQL on the
-driver's connection (one round trip each, no statement building); whatever
-they do not cover falls back to the statements above. They keep the same
-order: task row first, inbox second.
+succeeds. For that path :data:`CLAIM_READY_TASKS` and
+:data:`RECORD_COMPLETIONS` do each transaction's work in a single statement,
+for many concurrent deliveries at once (see :mod:`consumer.batching`), run as
+plain SQL on the driver's connection; whatever they do not cover falls back to
+the statements above. They keep the same order: task rows first (in id
+order), inbox second.
 """
 
 from __future__ import annotations
@@ -205,71 +206,108 @@ INBOX_THROUGHPUT = text(
     """
 )
 
-#: The common claim in one statement: start the next attempt of task ``$1``
-#: if it is ready to run (NEW or PENDING, or IN_PROGRESS with attempts left,
-#: i.e. its previous consumer died), of a type this consumer knows (``$3``,
-#: an array of names), and message ``$2`` has no inbox row. Returns what the
-#: attempt needs, or no row; then :data:`LOCK_TASK` decides in a transaction
-#: of its own (duplicate, finished, interrupted for the last time, unknown
-#: type, or gone). The UPDATE locks the row and re-checks the status on its
-#: newest version; the inbox check is a plain read, as in :data:`LOCK_TASK`.
-CLAIM_READY_TASK = """
-UPDATE tasks
+#: The common claim, for a batch of deliveries in one statement: start the
+#: next attempt of each task of ``$1`` (task ids) whose message in ``$2``
+#: (message ids, in the same order) has no inbox row, if the task is ready to
+#: run (NEW or PENDING, or IN_PROGRESS with attempts left, i.e. its previous
+#: consumer died) and of a type this consumer knows (``$3``, an array of
+#: names). Returns one row per claimed task, with what the attempt needs; a
+#: delivery without a row goes through :data:`LOCK_TASK` in a transaction of
+#: its own, which decides the rest (duplicate, finished, interrupted for the
+#: last time, unknown type, or gone). No two deliveries of a batch share a task
+#: or a message id (see :mod:`consumer.batching`).
+#:
+#: The tasks are locked in id order first, so two batches that share a task
+#: (a redelivery in another consumer) wait for each other instead of
+#: deadlocking. The UPDATE re-checks the status on each row's newest version;
+#: the inbox check is a plain read, as in :data:`LOCK_TASK`.
+CLAIM_READY_TASKS = """
+WITH wanted AS MATERIALIZED (
+    SELECT * FROM unnest($1::uuid[], $2::text[]) AS w(task_id, message_id)
+),
+locked AS MATERIALIZED (
+    SELECT id FROM tasks
+     WHERE id IN (SELECT task_id FROM wanted)
+     ORDER BY id
+       FOR UPDATE
+)
+UPDATE tasks AS t
    SET status = 'IN_PROGRESS',
-       attempts = attempts + 1,
+       attempts = t.attempts + 1,
        started_at = now(),
        updated_at = now()
- WHERE id = $1::uuid
-   AND type = ANY($3::text[])
-   AND (status IN ('NEW', 'PENDING')
-        OR (status = 'IN_PROGRESS' AND attempts < max_attempts))
-   AND NOT EXISTS (SELECT 1 FROM inbox WHERE message_id = $2::text)
-RETURNING type, payload, attempts, max_attempts, created_at
+  FROM locked
+  JOIN wanted ON wanted.task_id = locked.id
+ WHERE t.id = locked.id
+   AND t.type = ANY($3::text[])
+   AND (t.status IN ('NEW', 'PENDING')
+        OR (t.status = 'IN_PROGRESS' AND t.attempts < t.max_attempts))
+   AND NOT EXISTS (SELECT 1 FROM inbox WHERE message_id = wanted.message_id)
+RETURNING wanted.message_id, t.type, t.payload, t.attempts, t.max_attempts,
+          t.created_at
 """
 
-#: The common outcome in one statement: lock task ``$1``, insert the inbox
-#: row of message ``$2`` (routing key ``$3``), and only if that insert won and
-#: the task is not terminal, complete it with result ``$4`` (JSON) and write
-#: its ``task.completed`` event: body ``$5`` (JSON, whose ``attempts`` is set
-#: here from the row), headers ``$6`` (JSON), correlation id ``$7``. All of it
-#: or nothing, in one round trip and without an explicit transaction.
+#: The common outcome, for a batch of deliveries in one statement: lock the
+#: tasks (in id order, as above), insert each delivery's inbox row, and only
+#: where that insert won and the task is not terminal, complete the task and
+#: write its ``task.completed`` event. All of it or nothing, in one round trip
+#: and without an explicit transaction. Parallel arrays, one entry per
+#: delivery: ``$1`` task id, ``$2`` message id, ``$3`` routing key, ``$4``
+#: result (JSON), ``$5`` the event's body (JSON, whose ``attempts`` is set
+#: here from the row), ``$6`` its headers (JSON), ``$7`` its correlation id.
 #:
-#: ``locked`` runs first because ``recorded`` reads it, so the task row is
-#: locked before the inbox is touched, as everywhere else. Returns the task's
-#: status as locked (before this statement changed it) and whether the inbox
-#: row is this delivery's; no row if the task does not exist. Tasks whose type
-#: has a recorder, and failed attempts, are recorded by the statements above.
-RECORD_COMPLETION = """
-WITH locked AS (
-    SELECT id, status FROM tasks WHERE id = $1::uuid FOR UPDATE
+#: The task rows are locked before the inbox is touched, as everywhere else.
+#: Returns, per delivery whose task exists, its message id, the task's status
+#: as locked (before this statement changed it) and whether the inbox row is
+#: this delivery's. Tasks whose type has a recorder, and failed attempts, are
+#: recorded by the statements above.
+RECORD_COMPLETIONS = """
+WITH done AS MATERIALIZED (
+    SELECT *
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                  $6::text[], $7::text[])
+           AS d(task_id, message_id, routing_key, result, body, headers,
+                correlation_id)
+),
+locked AS MATERIALIZED (
+    SELECT id, status FROM tasks
+     WHERE id IN (SELECT task_id FROM done)
+     ORDER BY id
+       FOR UPDATE
 ),
 recorded AS (
     INSERT INTO inbox (message_id, routing_key)
-    SELECT $2::text, $3::text FROM locked
+    SELECT done.message_id, done.routing_key
+      FROM done
+      JOIN locked ON locked.id = done.task_id
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
 ),
 completed AS (
     UPDATE tasks AS t
        SET status = 'COMPLETED',
-           result = $4::text::jsonb,
+           result = done.result::jsonb,
            error = NULL,
            completed_at = now(),
            updated_at = now()
       FROM locked
+      JOIN done ON done.task_id = locked.id
      WHERE t.id = locked.id
        AND locked.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
-       AND EXISTS (SELECT 1 FROM recorded)
-    RETURNING t.id, t.attempts
+       AND done.message_id IN (SELECT message_id FROM recorded)
+    RETURNING t.attempts, done.body, done.headers, done.correlation_id
 ),
 announced AS (
     INSERT INTO outbox (routing_key, body, headers, correlation_id)
     SELECT 'task.completed',
-           jsonb_set($5::text::jsonb, '{attempts}', to_jsonb(attempts)),
-           $6::text::jsonb, $7::text
+           jsonb_set(body::jsonb, '{attempts}', to_jsonb(attempts)),
+           headers::jsonb, correlation_id
       FROM completed
 )
-SELECT locked.status, EXISTS (SELECT 1 FROM recorded) AS recorded FROM locked
+SELECT done.message_id, locked.status,
+       done.message_id IN (SELECT message_id FROM recorded) AS recorded
+  FROM done
+  JOIN locked ON locked.id = done.task_id
 """
 
 #: Every statement above by name, for the test that prepares each one against
@@ -285,6 +323,6 @@ ALL: dict[str, TextClause | str] = {
     "SWEEP_STUCK_TASKS": SWEEP_STUCK_TASKS,
     "CANCELLED_AMONG": CANCELLED_AMONG,
     "INBOX_THROUGHPUT": INBOX_THROUGHPUT,
-    "CLAIM_READY_TASK": CLAIM_READY_TASK,
-    "RECORD_COMPLETION": RECORD_COMPLETION,
+    "CLAIM_READY_TASKS": CLAIM_READY_TASKS,
+    "RECORD_COMPLETIONS": RECORD_COMPLETIONS,
 }

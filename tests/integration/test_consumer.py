@@ -606,19 +606,28 @@ async def test_overlapping_deliveries_of_a_plain_task_complete_it_once(
     assert await harness.inbox_count(message_id) == 1
 
 
+async def record_completions(
+    db: asyncpg.Connection, *deliveries: tuple[uuid.UUID, str]
+) -> dict[str, asyncpg.Record]:
+    """Run the batched completion for ``(task id, message id)`` pairs; the
+    answer rows by message id."""
+    rows = await db.fetch(
+        queries.RECORD_COMPLETIONS,
+        [task_id for task_id, _ in deliveries],
+        [message_id for _, message_id in deliveries],
+        ["task.created"] * len(deliveries),
+        ['{"done": true}'] * len(deliveries),
+        [f'{{"task_id": "{task_id}", "attempts": 0}}' for task_id, _ in deliveries],
+        ["{}"] * len(deliveries),
+        [str(task_id) for task_id, _ in deliveries],
+    )
+    return {row["message_id"]: row for row in rows}
+
+
 async def record_completion(
     db: asyncpg.Connection, task_id: uuid.UUID, message_id: str
 ) -> asyncpg.Record | None:
-    return await db.fetchrow(
-        queries.RECORD_COMPLETION,
-        task_id,
-        message_id,
-        "task.created",
-        '{"done": true}',
-        '{"task_id": "t", "attempts": 0}',
-        "{}",
-        str(task_id),
-    )
+    return (await record_completions(db, (task_id, message_id))).get(message_id)
 
 
 @pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "CANCELLED"])
@@ -656,7 +665,90 @@ async def test_a_completion_of_a_running_task_writes_its_event_once(
     assert (task["status"], task["result"]) == ("COMPLETED", {"done": True})
     [event] = await harness.outbox(task_id)
     assert event["routing_key"] == "task.completed"
-    assert event["body"] == {"task_id": "t", "attempts": 2}
+    assert event["body"] == {"task_id": str(task_id), "attempts": 2}
+
+
+async def test_one_batch_completes_each_task_as_its_own_delivery_would(
+    harness: Harness,
+) -> None:
+    running = await harness.insert_task(
+        "sleep", {"seconds": 0}, status="IN_PROGRESS", attempts=1
+    )
+    cancelled = await harness.insert_task("sleep", {"seconds": 0}, status="CANCELLED")
+    already = await harness.insert_task(
+        "sleep", {"seconds": 0}, status="IN_PROGRESS", attempts=1
+    )
+    await record_completion(harness.db, already, "m-already")
+    missing = uuid.uuid4()
+
+    answers = await record_completions(
+        harness.db,
+        (running, "m-running"),
+        (cancelled, "m-cancelled"),
+        (already, "m-already"),
+        (missing, "m-missing"),
+    )
+
+    assert {m: (r["status"], r["recorded"]) for m, r in answers.items()} == {
+        "m-running": ("IN_PROGRESS", True),
+        "m-cancelled": ("CANCELLED", True),
+        "m-already": ("COMPLETED", False),
+    }
+    assert (await harness.task(running))["status"] == "COMPLETED"
+    assert (await harness.task(cancelled))["status"] == "CANCELLED"
+    assert len(await harness.outbox(running, "task.completed")) == 1
+    assert await harness.outbox(cancelled) == []
+    assert len(await harness.outbox(already, "task.completed")) == 1
+    assert await harness.inbox_count("m-missing") == 0
+
+
+async def claim_ready(
+    db: asyncpg.Connection, *deliveries: tuple[uuid.UUID, str]
+) -> dict[str, asyncpg.Record]:
+    rows = await db.fetch(
+        queries.CLAIM_READY_TASKS,
+        [task_id for task_id, _ in deliveries],
+        [message_id for _, message_id in deliveries],
+        REGISTRY.names(),
+    )
+    return {row["message_id"]: row for row in rows}
+
+
+async def test_one_batch_claims_only_the_tasks_ready_to_run(harness: Harness) -> None:
+    new = await harness.insert_task("sleep", {"seconds": 1}, status="NEW")
+    interrupted = await harness.insert_task(
+        "sleep", {"seconds": 1}, status="IN_PROGRESS", attempts=1
+    )
+    last_attempt = await harness.insert_task(
+        "sleep", {"seconds": 1}, status="IN_PROGRESS", attempts=3, max_attempts=3
+    )
+    finished = await harness.insert_task("sleep", {"seconds": 1}, status="COMPLETED")
+    unknown = await harness.insert_task("no_such_type", {})
+    seen = await harness.insert_task("sleep", {"seconds": 1})
+    await harness.db.execute(
+        "INSERT INTO inbox (message_id, routing_key) VALUES ('m-seen', 'task.created')"
+    )
+
+    claimed = await claim_ready(
+        harness.db,
+        (new, "m-new"),
+        (interrupted, "m-interrupted"),
+        (last_attempt, "m-last"),
+        (finished, "m-finished"),
+        (unknown, "m-unknown"),
+        (seen, "m-seen"),
+        (uuid.uuid4(), "m-missing"),
+    )
+
+    assert {m: r["attempts"] for m, r in claimed.items()} == {
+        "m-new": 1,
+        "m-interrupted": 2,
+    }
+    assert claimed["m-new"]["payload"] == {"seconds": 1}
+    for task_id in (new, interrupted):
+        assert (await harness.task(task_id))["status"] == "IN_PROGRESS"
+    assert (await harness.task(last_attempt))["attempts"] == 3
+    assert (await harness.task(seen))["status"] == "PENDING"
 
 
 async def test_a_completion_of_a_missing_task_records_nothing(

@@ -130,4 +130,5 @@ def test_counters_follow_the_prometheus_naming_conventions() -> None:
             name = value._name
             assert not name.endswith("_total"), "the client adds _total itself"
             if value._type == "histogram":
-                assert name.endswith("_seconds"), name
+                # A unit: time, or what a batch counts.
+                assert name.endswith(("_seconds", "_deliveries")), name
