@@ -9,7 +9,6 @@ printed, and the exit status is 0 unless a measurement itself failed.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import uvloop
 
 from bench import figures, memory, peers, storage
 
@@ -318,7 +318,9 @@ def main(runs: int, quick: bool, only: str, out: Path) -> None:
                 continue
             started = time.monotonic()
             click.echo(f"run {index + 1}/{runs}: {name} ...", err=True)
-            numbers = asyncio.run(groups[name]())
+            # The loop the service's processes run on, for the raw baselines
+            # measured in this process too.
+            numbers = uvloop.run(groups[name]())
             results[index].numbers.update(numbers)
             results[index].groups.append(name)
             click.echo(

@@ -20,6 +20,7 @@ import time
 import aio_pika
 import asyncpg
 import click
+import uvloop
 
 from consumer.topology import TopologyNames, declare_topology
 
@@ -147,7 +148,7 @@ def main() -> None:
 @click.option("--prefix", required=True)
 def consume_forever(amqp_url: str, database_url: str, prefix: str) -> None:
     """The raw chain's consumer: runs until killed."""
-    asyncio.run(consume(amqp_url, database_url, prefix, count=2**62, complete=True))
+    uvloop.run(consume(amqp_url, database_url, prefix, count=2**62, complete=True))
 
 
 if __name__ == "__main__":

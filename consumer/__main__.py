@@ -19,6 +19,7 @@ from datetime import datetime
 import click
 import msgspec
 import structlog
+import uvloop
 from sqlalchemy.exc import SQLAlchemyError
 
 from consumer.consumer import TaskConsumer
@@ -81,7 +82,8 @@ def run() -> None:
     logger.info("consumer_starting", settings=repr(settings))
     try:
         registry = load_registry(settings.task_handler_modules)
-        asyncio.run(_serve(settings, registry))
+        # uvloop: the same asyncio, with its loop and sockets in C.
+        uvloop.run(_serve(settings, registry))
     except Exception:
         logger.exception("consumer_crashed")
         sys.exit(1)

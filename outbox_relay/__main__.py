@@ -13,6 +13,7 @@ import sys
 import click
 import msgspec
 import structlog
+import uvloop
 
 from outbox_relay.config import load_env_file, load_settings
 from outbox_relay.errors import RelayError, SettingsError
@@ -60,7 +61,8 @@ def run() -> None:
     log.info("outbox_relay_configured", settings=repr(settings))
 
     try:
-        asyncio.run(_serve(settings))
+        # uvloop: the same asyncio, with its loop and sockets in C.
+        uvloop.run(_serve(settings))
     except Exception:
         log.exception("outbox_relay_crashed")
         sys.exit(1)

@@ -41,7 +41,11 @@ def health_app(name: str, is_ready: ReadinessCheck) -> Litestar:
 
     @get("/metrics")
     async def metrics() -> Response[bytes]:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # As a header: a text/* media type would get a second charset
+        # appended, which Prometheus refuses.
+        return Response(
+            generate_latest(), headers={"content-type": CONTENT_TYPE_LATEST}
+        )
 
     # logging_config=None: Litestar would otherwise replace the root handler
     # that configure_logging installed, and the process would stop logging JSON.

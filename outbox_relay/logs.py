@@ -58,6 +58,9 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
 
     structlog.configure(
         processors=[
+            # First, so an event below the level costs a level check and no
+            # more (the relay has a DEBUG line per published row).
+            structlog.stdlib.filter_by_level,
             *_SHARED_PROCESSORS,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

@@ -55,3 +55,8 @@ OLDEST_PENDING_AGE = Gauge(
     "outbox_oldest_pending_age_seconds",
     "Age of the oldest unpublished, live outbox row; 0 when there is none.",
 )
+LONGEST_DUE = Gauge(
+    "outbox_longest_due_seconds",
+    "How long the unpublished row due the longest has been due (rows scheduled"
+    " for later do not count); 0 when none is due.",
+)

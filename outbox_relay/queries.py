@@ -161,13 +161,18 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
  LIMIT 1
 """
 
-#: How many rows wait and the age of the oldest, for the relay's gauges
-#: (sampled every few seconds): one pass over ``ix_outbox_pending``, whose
-#: size is the backlog, not the table.
+#: How many rows wait, the age of the oldest, and how long the row due the
+#: longest has been due, for the relay's gauges (sampled every few seconds):
+#: one pass over ``ix_outbox_pending``, whose size is the backlog, not the
+#: table. A row scheduled for later (a ``run_at``, a back-off, a lease) ages
+#: but is not due, so only the last figure says the relays are behind.
 PENDING_SUMMARY = """
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
-           AS oldest_age_seconds
+           AS oldest_age_seconds,
+       coalesce(extract(epoch FROM now() - min(available_at)
+                                    FILTER (WHERE available_at <= now())), 0)::float8
+           AS longest_due_seconds
   FROM outbox
  WHERE published_at IS NULL
    AND dead_at IS NULL

@@ -442,6 +442,7 @@ class OutboxRelay:
             else:
                 metrics.PENDING.set(summary.pending)
                 metrics.OLDEST_PENDING_AGE.set(summary.oldest_age_seconds)
+                metrics.LONGEST_DUE.set(summary.longest_due_seconds)
                 self._log.debug(
                     "outbox_backlog_sampled",
                     pending=summary.pending,

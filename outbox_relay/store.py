@@ -83,6 +83,8 @@ class PendingSummary:
 
     pending: int
     oldest_age_seconds: float
+    #: How long the row due the longest has been due; 0 when none is due.
+    longest_due_seconds: float = 0.0
 
 
 async def replay_dead(database_url: str, ids: Sequence[int] | None) -> list[int]:
@@ -200,7 +202,9 @@ class OutboxStore:
             record = await self._pool.fetchrow(queries.PENDING_SUMMARY)
         assert record is not None  # an aggregate without GROUP BY yields one row
         return PendingSummary(
-            pending=record["pending"], oldest_age_seconds=record["oldest_age_seconds"]
+            pending=record["pending"],
+            oldest_age_seconds=record["oldest_age_seconds"],
+            longest_due_seconds=record["longest_due_seconds"],
         )
 
     async def seconds_until_next_due(self) -> float | None:

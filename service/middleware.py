@@ -18,6 +18,12 @@ template names the span and labels the metrics.
   counted. The names are those of ``API_METRICS_PREFIX`` (see the README).
 - **Access log.** One ``http_request`` line per request, unless the route sets
   ``opt["skip_access_log"]`` (the probes).
+
+An error raised by middleware inside this one (the key check, the rate limit)
+is answered here, through the same problem handlers as a route's errors, so
+its status is the one logged and counted and its response carries the request
+id. A request no route matches (404, 405) never reaches route middleware;
+:func:`tag_unrouted_response` gives its response a request id and a log line.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Counter, Gauge, Histogram
 
+from service.problems import send_problem
 from service.tracing import current_trace_headers, extract_context
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -105,11 +112,13 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
         route = scope.get("route_handler")
         request_id = _request_id(scope)
         status = 500
+        started_response = False
 
         async def send_with_request_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started_response = True
                 # Raw headers, so the response's own stay as they were.
                 message["headers"] = [
                     *message.get("headers", ()),
@@ -134,7 +143,12 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
                     trace_id=trace.format_trace_id(span.get_span_context().trace_id)
                 )
             try:
-                await next_app(scope, receive, send_with_request_id)
+                try:
+                    await next_app(scope, receive, send_with_request_id)
+                except Exception as exc:
+                    if started_response:
+                        raise
+                    await send_problem(scope, receive, send_with_request_id, exc)
             finally:
                 duration = time.perf_counter() - started
                 if span is not None:
@@ -172,6 +186,30 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
                 "url.path": scope["path"],
             },
         )
+
+
+async def tag_unrouted_response(message: Message, scope: Scope) -> None:
+    """Before-send hook: a request id and an access log line for a response
+    that :class:`RequestTelemetryMiddleware` did not see (no route matched)."""
+    # An http.response.start message belongs to an HTTP request.
+    if message["type"] != "http.response.start":
+        return
+    state = scope.setdefault("state", {})
+    if "request_id" in state:
+        return
+    request_id = _request_id(scope)
+    state["request_id"] = request_id
+    message["headers"] = [
+        *message.get("headers", ()),
+        (b"x-request-id", request_id.encode("latin-1")),
+    ]
+    logger.info(
+        "http_request",
+        request_id=request_id,
+        method=scope.get("method"),
+        path=scope["path"],
+        status=message["status"],
+    )
 
 
 def outbox_headers(request: Request[Any, Any, Any]) -> dict[str, str]:

@@ -24,6 +24,7 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import ClientException
 from litestar.openapi import ResponseSpec
 from litestar.serialization import encode_json
+from litestar.types import Receive, Scope, Send
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -252,6 +253,26 @@ EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     PoolTimeoutError: _database_unavailable,
     Exception: _unexpected,
 }
+
+
+def handler_for(exc: Exception) -> Any:
+    """The handler :data:`EXCEPTION_HANDLERS` names for ``exc``: its class's,
+    or the nearest base class's."""
+    for cls in type(exc).__mro__:
+        if cls in EXCEPTION_HANDLERS:
+            return EXCEPTION_HANDLERS[cls]
+    return _unexpected
+
+
+async def send_problem(
+    scope: Scope, receive: Receive, send: Send, exc: Exception
+) -> None:
+    """Answer with ``exc``'s problem response, as Litestar's own exception
+    handling would, but through ``send``: for middleware whose errors would
+    otherwise be answered outside the middleware that wraps them."""
+    request: Request[Any, Any, Any] = Request(scope, receive)
+    response = handler_for(exc)(request, exc)
+    await response.to_asgi_response(app=None, request=request)(scope, receive, send)
 
 
 _DESCRIPTIONS = {

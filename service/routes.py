@@ -330,4 +330,8 @@ async def ready(state: State) -> Response[Any]:
     media_type=MediaType.TEXT,
 )
 async def metrics() -> Response[bytes]:
-    return LitestarResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    # As a header: a text/* media type would get a second charset appended,
+    # which Prometheus refuses.
+    return LitestarResponse(
+        generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST}
+    )

@@ -10,6 +10,7 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AMQP_URL
@@ -26,6 +27,9 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(f"{url}/metrics")
     response.raise_for_status()
+    # Exactly the exposition format's own type: Prometheus refuses a
+    # repeated parameter.
+    assert response.headers.get_list("content-type") == [CONTENT_TYPE_LATEST]
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(response.text)

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import queries
 from service.app import create_app
@@ -320,10 +321,32 @@ async def test_openapi_describes_every_route_body_and_error(
 async def test_metrics_count_requests_by_route(client: AsyncTestClient[Any]) -> None:
     await client.post("/api/v1/tasks", json={"title": "t"})
 
-    text = (await client.get("/metrics")).text
+    response = await client.get("/metrics")
+    text = response.text
 
+    assert response.headers.get_list("content-type") == [CONTENT_TYPE_LATEST]
     assert "outbox_tasks_api_requests_total" in text
     assert 'path="/api/v1/tasks"' in text
+
+
+async def test_refusals_carry_a_request_id_and_are_counted_as_what_they_are(
+    api: AsyncTestClient[Any],
+) -> None:
+    refused = await api.post(
+        "/api/v1/tasks", json={"title": "t"}, headers={"X-Request-ID": "req-refused"}
+    )
+    unrouted = await api.get("/no/such/route", headers={"X-Request-ID": "req-404"})
+
+    assert_problem(refused, 401)
+    assert refused.headers["x-request-id"] == "req-refused"
+    assert unrouted.status_code == 404
+    assert unrouted.headers["x-request-id"] == "req-404"
+    text = (await api.get("/metrics")).text
+    assert (
+        'outbox_tasks_api_requests_total{method="POST",path="/api/v1/tasks",'
+        'status_code="401"}' in text
+    )
+    assert 'path="/api/v1/tasks",status_code="500"' not in text
 
 
 def test_checksum_result_is_deterministic() -> None:

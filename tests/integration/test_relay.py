@@ -33,6 +33,7 @@ from outbox_relay import queries
 from outbox_relay.publisher import events_exchange_name
 from outbox_relay.relay import OutboxRelay
 from outbox_relay.settings import RelaySettings
+from outbox_relay.store import OutboxStore
 from tests.conftest import AMQP_URL, ROOT
 from tests.support.proxy import TcpProxy, free_port
 
@@ -406,6 +407,29 @@ async def test_status_command_reports_the_lag(
     assert 3600 <= by_key["task.created"]["oldest_age_seconds"] < 3700
     assert by_key["task.completed"]["pending"] == 1
     assert by_key["task.completed"]["due"] == 0
+
+
+async def test_the_due_gauge_ignores_rows_scheduled_for_later(
+    db: asyncpg.Connection[Any], database_url: str
+) -> None:
+    await db.execute(
+        """
+        INSERT INTO outbox (routing_key, body, created_at, available_at)
+        VALUES ('task.created', '{}', now() - interval '1 hour',
+                now() + interval '1 day'),
+               ('task.created', '{}', now() - interval '10 minutes',
+                now() - interval '5 minutes')
+        """
+    )
+    store = await OutboxStore.open(database_url, "gauge-test")
+    try:
+        summary = await store.pending_summary()
+    finally:
+        await store.close()
+
+    assert summary.pending == 2
+    assert 3600 <= summary.oldest_age_seconds < 3700
+    assert 300 <= summary.longest_due_seconds < 400
 
 
 async def test_sigterm_drains_and_exits_zero(
