@@ -1,0 +1,44 @@
+"""The benchmark harness, at a size that fits in the suite.
+
+``bench/run`` takes about three quarters of an hour; these runs check that
+its stage measurements still work against the real processes and that the
+relay's claim still reads no more buffers with published rows than the
+harness allows at this size. No timing is asserted: rates only have to be
+measured at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import figures, storage
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+async def test_the_stage_benchmark_measures_every_rate(tmp_path: Path) -> None:
+    numbers = await figures.stage_figures(300, tmp_path)
+
+    assert set(numbers) == {
+        "relay_rate",
+        "raw_publish_rate",
+        "consumer_rate",
+        "raw_consume_rate",
+    }
+    assert all(rate > 0 for rate in numbers.values()), numbers
+
+
+async def test_the_storage_benchmark_claims_the_same_rows_with_published_ones() -> None:
+    result = await storage.pending_query_buffers(20_000, rounds=1)
+
+    # The claim takes the pending rows and nothing else, whatever the table
+    # holds; its buffer count is what the benchmark reports.
+    claimed = result["without_published"]["rows_claimed"]
+    assert claimed > 0
+    assert all(r["buffers"] > 0 for r in result["with_published_rounds"]), result[
+        "with_published_rounds"
+    ]
+    assert result["with_published"]["rows_claimed"] == claimed
+    assert "ix_outbox_pending" in result["with_published"]["indexes"]
