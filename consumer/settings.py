@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from outbox_relay.config import mask_url
+from outbox_relay.config import LogLevel, Port, mask_url
 from service.settings import DEFAULT_DATABASE_URL
 
 
@@ -59,9 +59,9 @@ class ConsumerSettings(msgspec.Struct, kw_only=True):
     #: /metrics).
     consumer_health_host: str = "127.0.0.1"
     #: Port of that server; 0 (the default) runs none.
-    consumer_health_port: int = 0
+    consumer_health_port: Port = 0
     #: Threshold of the process's log output (DEBUG, INFO, WARNING, ...).
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     #: JSON log lines; unset means JSON unless standard error is a terminal.
     log_json: bool | None = None
 

@@ -11,13 +11,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from dotenv import load_dotenv
 
 from outbox_relay.errors import SettingsError
+
+#: A logging level by name, in any case; checked at start-up like every
+#: other setting instead of failing inside the logging setup.
+LogLevel = Annotated[
+    str, msgspec.Meta(pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+]
+#: A TCP port; 0 where a setting documents it as "off" or "any".
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 SettingsT = TypeVar("SettingsT", bound=msgspec.Struct)
 

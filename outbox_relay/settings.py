@@ -8,7 +8,7 @@ from typing import Annotated
 
 import msgspec
 
-from outbox_relay.config import mask_url
+from outbox_relay.config import LogLevel, Port, mask_url
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -64,9 +64,9 @@ class RelaySettings(msgspec.Struct, kw_only=True):
     #: Interface of the relay's /health/live, /health/ready and /metrics.
     relay_health_host: str = "127.0.0.1"
     #: Port of those endpoints; 0 (the default outside containers) serves none.
-    relay_health_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    relay_health_port: Port = 0
     #: Minimum level of the log lines printed.
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     #: JSON log lines; unset means JSON unless standard error is a terminal.
     log_json: bool | None = None
 

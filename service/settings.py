@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from outbox_relay.config import mask_url
+from outbox_relay.config import LogLevel, Port, mask_url
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/outbox_tasks"
 
@@ -28,7 +28,7 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     database_url: str = DEFAULT_DATABASE_URL
     #: Interface and port the API listens on.
     api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    api_port: Port = 8000
     #: Requests with a larger body are refused with 413.
     api_max_body_bytes: Positive = 1024 * 1024
     #: A task payload larger than this, encoded as JSON, is refused with 422.
@@ -57,7 +57,7 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     #: The standard OpenTelemetry variable; the exporter reads it (and the
     #: other ``OTEL_EXPORTER_OTLP_*`` variables) itself.
     otel_exporter_otlp_endpoint: str = ""
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     #: JSON log lines; unset means JSON unless standard error is a terminal.
     log_json: bool | None = None
 

@@ -9,6 +9,11 @@ deadlock PostgreSQL breaks only after ``deadlock_timeout``. Locking the tasks
 in id order first, as the consumer does, makes every multi-task locker take
 its locks in the same order, so they wait for each other instead.
 
+The tasks are collected into an array first and looked up through their
+primary key. A single locking query joining the trigger's transition tables
+instead ran for tens of seconds under load (with the consumer changing the
+same rows), stalling the relay.
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-04
@@ -43,30 +48,35 @@ END $$
 
 MARK_PENDING_ORDERED = """
 CREATE OR REPLACE FUNCTION tasks_mark_pending() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    announced uuid[];
 BEGIN
-    WITH announced AS (
-        -- The CASE keeps other routing keys' correlation ids (not always
-        -- UUIDs) away from the cast.
-        SELECT CASE WHEN n.routing_key = 'task.created'
-                    THEN n.correlation_id::uuid END AS task_id
-          FROM new_rows AS n
-          JOIN old_rows AS o ON o.id = n.id
-         WHERE n.routing_key = 'task.created'
-           AND n.published_at IS NOT NULL
-           AND o.published_at IS NULL
-    ),
-    locked AS MATERIALIZED (
-        SELECT id FROM tasks
-         WHERE id IN (SELECT task_id FROM announced)
-           AND status = 'NEW'
-         ORDER BY id
-           FOR UPDATE
-    )
-    UPDATE tasks AS t
+    -- The service writes a task's id as its correlation id; a row written
+    -- by hand may carry anything, and must not fail the relay's statement
+    -- at the cast.
+    SELECT array_agg(n.correlation_id::uuid)
+      INTO announced
+      FROM new_rows AS n
+      JOIN old_rows AS o ON o.id = n.id
+     WHERE n.routing_key = 'task.created'
+       AND n.published_at IS NOT NULL
+       AND o.published_at IS NULL
+       AND n.correlation_id
+           ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$';
+    IF announced IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    -- Lock first, in id order; the update then finds every row it changes
+    -- already locked. Both look the tasks up through their primary key.
+    PERFORM 1 FROM tasks
+      WHERE id = ANY (announced) AND status = 'NEW'
+      ORDER BY id
+        FOR UPDATE;
+    UPDATE tasks
        SET status = 'PENDING', updated_at = now()
-      FROM locked
-     WHERE t.id = locked.id
-       AND t.status = 'NEW';
+     WHERE id = ANY (announced)
+       AND status = 'NEW';
     RETURN NULL;
 END $$
 """

@@ -5,6 +5,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from consumer.settings import ConsumerSettings
 from outbox_relay.config import (
     asyncpg_dsn,
     load_settings,
@@ -12,6 +13,7 @@ from outbox_relay.config import (
     sqlalchemy_url,
 )
 from outbox_relay.errors import SettingsError
+from outbox_relay.settings import RelaySettings
 from service.settings import ServiceSettings
 
 
@@ -55,6 +57,28 @@ def test_an_unreadable_file_is_an_error(tmp_path: Path) -> None:
 def test_invalid_values_are_reported_at_start_up() -> None:
     with pytest.raises(SettingsError, match="port"):
         load_settings(Example, {"PORT": "eighty"})
+
+
+@pytest.mark.parametrize(
+    ("settings_type", "variable", "value"),
+    [
+        (ServiceSettings, "LOG_LEVEL", "LOUD"),
+        (ServiceSettings, "API_PORT", "70000"),
+        (RelaySettings, "LOG_LEVEL", "verbose"),
+        (RelaySettings, "RELAY_HEALTH_PORT", "-1"),
+        (ConsumerSettings, "LOG_LEVEL", "TRACE"),
+        (ConsumerSettings, "CONSUMER_HEALTH_PORT", "65536"),
+    ],
+)
+def test_log_levels_and_ports_are_checked_at_start_up(
+    settings_type: type[msgspec.Struct], variable: str, value: str
+) -> None:
+    with pytest.raises(SettingsError, match=variable.lower()):
+        load_settings(settings_type, {variable: value})
+
+
+def test_log_levels_are_accepted_in_any_case() -> None:
+    assert load_settings(ServiceSettings, {"LOG_LEVEL": "debug"}).log_level == "debug"
 
 
 def test_passwords_never_appear_in_repr() -> None:
