@@ -1,10 +1,10 @@
 """The benchmark harness, at a size that fits in the suite.
 
-``bench/run`` takes about three quarters of an hour; these runs check that
-its stage measurements still work against the real processes and that the
-relay's claim still reads no more buffers with published rows than the
-harness allows at this size. No timing is asserted: rates only have to be
-measured at all.
+``bench/run`` takes about 25 minutes; these runs check that its stage
+measurements still work against the real processes, and that its storage
+measurement compares like with like: the relay's claim takes the same rows,
+through its index, with published rows in the table as without. No timing
+is asserted: rates only have to be measured at all.
 """
 
 from __future__ import annotations
