@@ -31,7 +31,6 @@ ADMIN_DATABASE_URL = os.environ.get(
     "BENCH_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 #: The body every HTTP client sends: the default task type with a small payload.
 TASK_BODY = b'{"title": "bench", "payload": {"text": "hello"}}'
