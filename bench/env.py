@@ -14,8 +14,6 @@ import os
 import secrets
 import socket
 import statistics
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import aio_pika
 import asyncpg
 
 from consumer.topology import TopologyNames
+from tests.support import databases
 from tests.support.processes import ProcessGroup, base_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,15 +36,11 @@ TASK_BODY = b'{"title": "bench", "payload": {"text": "hello"}}'
 
 
 def database_url_for(name: str) -> str:
-    return ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}"
+    return databases.database_url_for(ADMIN_DATABASE_URL, name)
 
 
 async def _admin_execute(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    await databases.admin_execute(ADMIN_DATABASE_URL, sql)
 
 
 @contextlib.asynccontextmanager
@@ -56,14 +51,7 @@ async def scratch_database(*, migrated: bool = True) -> AsyncIterator[str]:
     url = database_url_for(name)
     try:
         if migrated:
-            await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "alembic", "upgrade", "head"],
-                cwd=ROOT,
-                env={**os.environ, "DATABASE_URL": url},
-                check=True,
-                capture_output=True,
-            )
+            await asyncio.to_thread(databases.migrate_to_head, url)
         yield url
     finally:
         await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

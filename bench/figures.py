@@ -13,7 +13,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -120,33 +120,46 @@ async def _paced(
     )
 
 
+@contextlib.asynccontextmanager
+async def _scratch() -> AsyncIterator[tuple[str, asyncpg.Connection, str, str]]:
+    """What one group measures in: a migrated database that also holds the
+    raw baselines' tables, a connection to it, and two AMQP prefixes (the
+    service's and the raw baselines'); all removed afterwards."""
+    async with (
+        scratch_database() as database_url,
+        scratch_prefix() as prefix,
+        scratch_prefix() as raw_prefix,
+    ):
+        conn = await asyncpg.connect(database_url)
+        try:
+            await create_raw_tables(conn)
+            yield database_url, conn, prefix, raw_prefix
+        finally:
+            await conn.close()
+
+
 async def api_figures(seconds: int, log_dir: Path) -> dict[str, float]:
     """Peak rate at ``CLIENTS`` clients and p99 at half the bare endpoint's
     peak, for the API and the bare endpoint; and the API's peak with the
     outbox's NOTIFY trigger on and off (a LISTEN connection open in both)."""
-    async with scratch_database() as database_url, scratch_prefix() as prefix:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await create_raw_tables(conn)
-            with raw_api(log_dir, "outbox", database_url) as bare_url:
-                bare = await _peak(bare_url, seconds)
-                bare_paced = await _paced(bare_url, bare.rate / 2, seconds)
+    async with _scratch() as (database_url, conn, prefix, _):
+        with raw_api(log_dir, "outbox", database_url) as bare_url:
+            bare = await _peak(bare_url, seconds)
+            bare_paced = await _paced(bare_url, bare.rate / 2, seconds)
 
-            await conn.add_listener("outbox_pending", lambda *_: None)
-            with pipeline(database_url, prefix, log_dir) as group:
-                key = group.create_api_key("bench", "tasks:write")
-                auth = f"Bearer {key}"
-                group.start("api")
-                await group.wait_ready()
-                url = f"{group.api_url}/api/v1/tasks"
-                api = await _peak(url, seconds, auth)
-                api_paced = await _paced(url, bare.rate / 2, seconds, auth)
-                await conn.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
-                silent = await _peak(url, seconds, auth)
-                await conn.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
-                notified = await _peak(url, seconds, auth)
-        finally:
-            await conn.close()
+        await conn.add_listener("outbox_pending", lambda *_: None)
+        with pipeline(database_url, prefix, log_dir) as group:
+            key = group.create_api_key("bench", "tasks:write")
+            auth = f"Bearer {key}"
+            group.start("api")
+            await group.wait_ready()
+            url = f"{group.api_url}/api/v1/tasks"
+            api = await _peak(url, seconds, auth)
+            api_paced = await _paced(url, bare.rate / 2, seconds, auth)
+            await conn.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+            silent = await _peak(url, seconds, auth)
+            await conn.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+            notified = await _peak(url, seconds, auth)
     return {
         "bare_rate": bare.rate,
         "api_rate": api.rate,
@@ -203,44 +216,35 @@ async def stage_figures(backlog: int, log_dir: Path) -> dict[str, float]:
     """The relay draining ``backlog`` outbox rows, then the consumer draining
     the messages it published; beside raw confirmed publishing and raw
     consuming with an inbox insert, of as many messages."""
-    async with (
-        scratch_database() as database_url,
-        scratch_prefix() as prefix,
-        scratch_prefix() as raw_prefix,
-    ):
-        conn = await asyncpg.connect(database_url)
-        try:
-            await create_raw_tables(conn)
-            await conn.execute(BACKLOG_SQL, backlog)
-            await conn.execute("VACUUM ANALYZE")
-            bodies = [
-                row["body"].encode()
-                for row in await conn.fetch("SELECT body::text FROM outbox")
-            ]
-            raw_publish = await raw_amqp.publish(AMQP_URL, raw_prefix, bodies)
-            raw_consume = await raw_amqp.consume(
-                AMQP_URL, database_url, raw_prefix, len(bodies), complete=False
-            )
+    async with _scratch() as (database_url, conn, prefix, raw_prefix):
+        await conn.execute(BACKLOG_SQL, backlog)
+        await conn.execute("VACUUM ANALYZE")
+        bodies = [
+            row["body"].encode()
+            for row in await conn.fetch("SELECT body::text FROM outbox")
+        ]
+        raw_publish = await raw_amqp.publish(AMQP_URL, raw_prefix, bodies)
+        raw_consume = await raw_amqp.consume(
+            AMQP_URL, database_url, raw_prefix, len(bodies), complete=False
+        )
 
-            with pipeline(database_url, prefix, log_dir) as group:
-                # Queues exist before the relay publishes (it treats an
-                # unroutable message as a failure).
-                await raw_amqp.declare(AMQP_URL, prefix)
-                group.start("relay")
-                relay = await _rate_of(
-                    conn,
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                    backlog,
-                )
-                group.stop("relay")
-                group.start("consumer")
-                consumer = await _rate_of(
-                    conn,
-                    "SELECT count(*) FROM tasks WHERE status <> 'COMPLETED'",
-                    backlog,
-                )
-        finally:
-            await conn.close()
+        with pipeline(database_url, prefix, log_dir) as group:
+            # Queues exist before the relay publishes (it treats an
+            # unroutable message as a failure).
+            await raw_amqp.declare(AMQP_URL, prefix)
+            group.start("relay")
+            relay = await _rate_of(
+                conn,
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                backlog,
+            )
+            group.stop("relay")
+            group.start("consumer")
+            consumer = await _rate_of(
+                conn,
+                "SELECT count(*) FROM tasks WHERE status <> 'COMPLETED'",
+                backlog,
+            )
     return {
         "relay_rate": relay,
         "raw_publish_rate": raw_publish,
@@ -290,39 +294,30 @@ async def end_to_end_figures(seconds: int, log_dir: Path) -> dict[str, float]:
     and ``CLIENTS`` HTTP clients, then latency percentiles at half that rate;
     the same for the raw chain (bare endpoint publishing after commit, raw
     consumer), the latency at the same offered rate."""
-    async with (
-        scratch_database() as database_url,
-        scratch_prefix() as prefix,
-        scratch_prefix() as raw_prefix,
-    ):
-        conn = await asyncpg.connect(database_url)
-        try:
-            await create_raw_tables(conn)
-            with pipeline(database_url, prefix, log_dir) as group:
-                key = group.create_api_key("bench", "tasks:write")
-                auth = f"Bearer {key}"
-                for name in ("consumer", "relay", "api"):
-                    group.start(name)
-                await group.wait_ready()
-                url = f"{group.api_url}/api/v1/tasks"
-                await _peak(url, seconds, auth)
-                _, sustained, _ = await _completion(conn, "tasks")
-                since = await _now(conn)
-                await _paced(url, sustained / 2, seconds, auth)
-                _, _, latencies = await _completion(conn, "tasks", since)
+    async with _scratch() as (database_url, conn, prefix, raw_prefix):
+        with pipeline(database_url, prefix, log_dir) as group:
+            key = group.create_api_key("bench", "tasks:write")
+            auth = f"Bearer {key}"
+            for name in ("consumer", "relay", "api"):
+                group.start(name)
+            await group.wait_ready()
+            url = f"{group.api_url}/api/v1/tasks"
+            await _peak(url, seconds, auth)
+            _, sustained, _ = await _completion(conn, "tasks")
+            since = await _now(conn)
+            await _paced(url, sustained / 2, seconds, auth)
+            _, _, latencies = await _completion(conn, "tasks", since)
 
-            await raw_amqp.declare(AMQP_URL, raw_prefix)
-            with (
-                raw_consumer(log_dir, database_url, raw_prefix),
-                raw_api(log_dir, "chain", database_url, raw_prefix) as raw_url,
-            ):
-                await _peak(raw_url, seconds)
-                _, raw_sustained, _ = await _completion(conn, "raw_tasks")
-                since = await _now(conn)
-                await _paced(raw_url, sustained / 2, seconds)
-                _, _, raw_latencies = await _completion(conn, "raw_tasks", since)
-        finally:
-            await conn.close()
+        await raw_amqp.declare(AMQP_URL, raw_prefix)
+        with (
+            raw_consumer(log_dir, database_url, raw_prefix),
+            raw_api(log_dir, "chain", database_url, raw_prefix) as raw_url,
+        ):
+            await _peak(raw_url, seconds)
+            _, raw_sustained, _ = await _completion(conn, "raw_tasks")
+            since = await _now(conn)
+            await _paced(raw_url, sustained / 2, seconds)
+            _, _, raw_latencies = await _completion(conn, "raw_tasks", since)
     return {
         "e2e_rate": sustained,
         "raw_chain_rate": raw_sustained,

@@ -204,6 +204,9 @@ class MessageProcessor:
         self._outage = outage or DatabaseOutage(asyncio.Event())
         #: Seconds an attempt of a type without its own timeout may run.
         self._time_limit = time_limit
+        #: The types the batched claim may start; the registry is complete
+        #: before any delivery arrives.
+        self._type_names = registry.names()
         self._claims = Batcher(
             self._claim_ready_tasks,
             keys=_ClaimRequest.keys,
@@ -318,19 +321,7 @@ class MessageProcessor:
             )
             attempt: int = started.scalar_one()
 
-        context = TaskContext(
-            task_id=message.task_id,
-            task_type=task_type.name,
-            attempt=attempt,
-            max_attempts=task["max_attempts"],
-            cancelled=asyncio.Event(),
-        )
-        return _Claim(
-            task_type=task_type,
-            payload=task["payload"],
-            context=context,
-            created_at=task["created_at"],
-        )
+        return _claim_of(message.task_id, task_type, attempt, task)
 
     async def _claim_ready(
         self, delivery: Delivery, message: TaskMessage
@@ -339,21 +330,8 @@ class MessageProcessor:
         task = await self._claims.run(_ClaimRequest(message.task_id, delivery))
         if task is None:
             return None
-
         task_type = self._task_type(task["type"])
-        context = TaskContext(
-            task_id=message.task_id,
-            task_type=task_type.name,
-            attempt=task["attempts"],
-            max_attempts=task["max_attempts"],
-            cancelled=asyncio.Event(),
-        )
-        return _Claim(
-            task_type=task_type,
-            payload=task["payload"],
-            context=context,
-            created_at=task["created_at"],
-        )
+        return _claim_of(message.task_id, task_type, task["attempts"], task)
 
     async def _claim_ready_tasks(
         self, requests: list[_ClaimRequest]
@@ -363,7 +341,7 @@ class MessageProcessor:
                 queries.CLAIM_READY_TASKS,
                 [request.task_id for request in requests],
                 [request.delivery.message_id for request in requests],
-                self._registry.names(),
+                self._type_names,
             )
         claimed = {row["message_id"]: row for row in rows}
         return [claimed.get(request.delivery.message_id) for request in requests]
@@ -653,6 +631,26 @@ def _translated_errors() -> Iterator[None]:
         if is_transient_database_error(exc):
             raise DatabaseUnavailableError(_describe(exc)) from exc
         raise
+
+
+def _claim_of(
+    task_id: uuid.UUID, task_type: TaskType[Any], attempt: int, task: Any
+) -> _Claim:
+    """The claim of ``attempt`` on ``task``, a row with the task's
+    ``max_attempts``, ``payload`` and ``created_at``."""
+    context = TaskContext(
+        task_id=task_id,
+        task_type=task_type.name,
+        attempt=attempt,
+        max_attempts=task["max_attempts"],
+        cancelled=asyncio.Event(),
+    )
+    return _Claim(
+        task_type=task_type,
+        payload=task["payload"],
+        context=context,
+        created_at=task["created_at"],
+    )
 
 
 def follow_up_headers(delivery: Delivery) -> dict[str, str]:

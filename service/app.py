@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from service.auth import ApiAccessMiddleware
 from service.database import create_engine
-from service.middleware import RequestTelemetryMiddleware, tag_unrouted_response
+from service.middleware import RequestTelemetryMiddleware, add_request_id_header
 from service.problems import EXCEPTION_HANDLERS
 from service.rate_limit import PrincipalRateLimiter
 from service.registry import HandlerRegistry, load_registry
@@ -78,7 +78,7 @@ def create_app(
         state=State({"settings": settings, "registry": registry}),
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[RequestTelemetryMiddleware(provider.get_tracer("service"))],
-        before_send=[tag_unrouted_response],
+        before_send=[add_request_id_header],
         request_max_body_size=settings.api_max_body_bytes,
         request_class=ServiceRequest,
         openapi_config=OpenAPIConfig(

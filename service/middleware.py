@@ -22,8 +22,9 @@ template names the span and labels the metrics.
 An error raised by middleware inside this one (the key check, the rate limit)
 is answered here, through the same problem handlers as a route's errors, so
 its status is the one logged and counted and its response carries the request
-id. A request no route matches (404, 405) never reaches route middleware;
-:func:`tag_unrouted_response` gives its response a request id and a log line.
+id. The ``X-Request-ID`` header itself goes on in :func:`add_request_id_header`,
+a before-send hook, so that a request no route matches (404, 405), which
+never reaches route middleware, gets one too, and a log line.
 """
 
 from __future__ import annotations
@@ -114,16 +115,11 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
         status = 500
         started_response = False
 
-        async def send_with_request_id(message: Message) -> None:
+        async def send_noting_status(message: Message) -> None:
             nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started_response = True
-                # Raw headers, so the response's own stay as they were.
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (b"x-request-id", request_id.encode("latin-1")),
-                ]
             await send(message)
 
         structlog.contextvars.clear_contextvars()
@@ -144,11 +140,11 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
                 )
             try:
                 try:
-                    await next_app(scope, receive, send_with_request_id)
+                    await next_app(scope, receive, send_noting_status)
                 except Exception as exc:
                     if started_response:
                         raise
-                    await send_problem(scope, receive, send_with_request_id, exc)
+                    await send_problem(scope, receive, send_noting_status, exc)
             finally:
                 duration = time.perf_counter() - started
                 if span is not None:
@@ -188,28 +184,32 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
         )
 
 
-async def tag_unrouted_response(message: Message, scope: Scope) -> None:
-    """Before-send hook: a request id and an access log line for a response
-    that :class:`RequestTelemetryMiddleware` did not see (no route matched)."""
+async def add_request_id_header(message: Message, scope: Scope) -> None:
+    """Before-send hook: ``X-Request-ID`` on every response.
+
+    The id is the one :class:`RequestTelemetryMiddleware` gave the request;
+    a request no route matched never reached it, so it gets one here, and
+    its access log line with it.
+    """
     # An http.response.start message belongs to an HTTP request.
     if message["type"] != "http.response.start":
         return
     state = scope.setdefault("state", {})
-    if "request_id" in state:
-        return
-    request_id = _request_id(scope)
-    state["request_id"] = request_id
+    request_id = state.get("request_id")
+    if request_id is None:
+        request_id = state["request_id"] = _request_id(scope)
+        logger.info(
+            "http_request",
+            request_id=request_id,
+            method=scope.get("method"),
+            path=scope["path"],
+            status=message["status"],
+        )
+    # Raw headers, so the response's own stay as they were.
     message["headers"] = [
         *message.get("headers", ()),
         (b"x-request-id", request_id.encode("latin-1")),
     ]
-    logger.info(
-        "http_request",
-        request_id=request_id,
-        method=scope.get("method"),
-        path=scope["path"],
-        status=message["status"],
-    )
 
 
 def outbox_headers(request: Request[Any, Any, Any]) -> dict[str, str]:

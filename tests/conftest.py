@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import asyncpg
 import pytest
 
 from consumer.topology import TopologyNames
+from tests.support import databases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +31,11 @@ AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def database_url_for(name: str) -> str:
-    return ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}"
+    return databases.database_url_for(ADMIN_DATABASE_URL, name)
 
 
 async def _admin_execute(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    await databases.admin_execute(ADMIN_DATABASE_URL, sql)
 
 
 @pytest.fixture(scope="session")
@@ -51,13 +46,7 @@ def template_database() -> Iterator[str]:
     name = f"ot_template_{secrets.token_hex(4)}"
     asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
     try:
-        subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": database_url_for(name)},
-            check=True,
-            capture_output=True,
-        )
+        databases.migrate_to_head(database_url_for(name))
         yield name
     finally:
         asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
