@@ -12,17 +12,16 @@ import asyncio
 import contextlib
 import os
 import secrets
-import socket
 import statistics
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
-import aio_pika
 import asyncpg
 
-from consumer.topology import TopologyNames
 from tests.support import databases
+from tests.support.broker import delete_topology
 from tests.support.processes import ProcessGroup, base_env
+from tests.support.proxy import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,34 +57,13 @@ async def scratch_database(*, migrated: bool = True) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def scratch_prefix(*extra_queues: str) -> AsyncIterator[str]:
-    """A unique AMQP prefix; its topology (and ``extra_queues``, named under
-    the prefix) is deleted afterwards."""
+async def scratch_prefix() -> AsyncIterator[str]:
+    """A unique AMQP prefix; its topology is deleted afterwards."""
     prefix = f"bench-{secrets.token_hex(5)}"
     try:
         yield prefix
     finally:
-        names = TopologyNames.for_prefix(prefix)
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            queues = [*names.queues, *(f"{prefix}.{q}" for q in extra_queues)]
-            for queue in queues:
-                channel = await connection.channel()
-                with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                    await channel.queue_delete(queue)
-            for exchange in names.exchanges:
-                channel = await connection.channel()
-                with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                    await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        await delete_topology(AMQP_URL, prefix)
 
 
 @contextlib.contextmanager

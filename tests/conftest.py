@@ -8,7 +8,6 @@ touched.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -18,8 +17,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from consumer.topology import TopologyNames
 from tests.support import databases
+from tests.support.broker import delete_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,20 +77,7 @@ async def amqp_prefix() -> AsyncIterator[str]:
     """A unique AMQP_PREFIX; the test's exchanges and queues are deleted after."""
     prefix = f"test-{secrets.token_hex(5)}"
     yield prefix
-
-    names = TopologyNames.for_prefix(prefix)
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        for queue in names.queues:
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                await channel.queue_delete(queue)
-        for exchange in names.exchanges:
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                await channel.exchange_delete(exchange)
-    finally:
-        await connection.close()
+    await delete_topology(AMQP_URL, prefix)
 
 
 @pytest.fixture
