@@ -3,9 +3,15 @@
 The relay never holds a transaction open while it talks to the broker: a batch
 is claimed in one short statement, published, and then settled in one or two
 more. Ownership of a claimed row is a lease written into the row itself
-(``available_at`` pushed into the future, ``claimed_by`` set), so a relay that
-dies mid-batch only delays its rows by the lease, and two relays never claim
-the same due row at the same time.
+(``claimed_by`` and ``leased_until`` set), so a relay that dies mid-batch only
+delays its rows by the lease, and two relays never claim the same due row at
+the same time. A row is claimable when it is due (``available_at`` has come)
+and not leased (no ``leased_until`` in the future).
+
+The lease columns are outside every index, so taking and dropping a lease is
+a HOT update: the row's new version stays on its page and no index gains an
+entry. The claim's cost then follows the backlog, not the published rows the
+table holds.
 
 Parameters are positional (asyncpg's ``$n``); each constant says what it
 expects and returns.
@@ -43,16 +49,21 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
 #: them in id order, which is the order they were written in.
 #:
 #: ``FOR UPDATE SKIP LOCKED`` lets concurrent relays each take different rows
-#: without waiting on one another. The lease is the pushed-forward
-#: ``available_at``: once this statement commits (at once, it runs on its own)
-#: the rows are invisible to every claim until the lease runs out, so no
-#: transaction stays open while the broker confirms. The inner query reads
-#: only ``ix_outbox_pending``, whose entries are the unpublished, live rows in
-#: the order they fall due.
+#: without waiting on one another. Once this statement commits (at once, it
+#: runs on its own) the lease keeps the rows from every other claim until
+#: ``leased_until``, so no transaction stays open while the broker confirms.
+#: The inner query reads only ``ix_outbox_pending``, whose entries are the
+#: unpublished, live rows in the order they fall due; leased rows among them
+#: are passed over.
 #:
 #: Ordering per key: a row with a ``correlation_id`` is claimed only while no
 #: earlier (smaller id) unpublished, live row of the same ``correlation_id``
-#: exists, checked with one probe of ``ix_outbox_pending_correlation``. So at
+#: exists, that is while it is the smallest id of its key in
+#: ``ix_outbox_pending_correlation``. That is asked as ``min(id)``, which the
+#: planner answers with one descent of that index per candidate whatever its
+#: statistics say; asked as ``NOT EXISTS``, it became an anti-join that, with
+#: the backlog estimated at one row among millions, read all of
+#: ``ix_outbox_pending`` for each candidate. So at
 #: most the oldest row of a key is ever claimed or in flight, by whichever
 #: relay, and the next one only after the broker confirmed it and it was
 #: marked published: one key's messages reach the broker in id order however
@@ -62,26 +73,26 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
 CLAIM_BATCH = """
 WITH claimed AS (
     UPDATE outbox
-       SET available_at = now() + make_interval(secs => $1::float8),
+       SET leased_until = now() + make_interval(secs => $1::float8),
            claimed_by = $2::text
-     WHERE id IN (
-            SELECT id
+     WHERE ctid = ANY (ARRAY(
+            SELECT ctid
               FROM outbox AS candidate
              WHERE published_at IS NULL
                AND dead_at IS NULL
                AND available_at <= now()
-               AND NOT EXISTS (
-                       SELECT 1
-                         FROM outbox AS earlier
-                        WHERE earlier.correlation_id = candidate.correlation_id
-                          AND earlier.id < candidate.id
-                          AND earlier.published_at IS NULL
-                          AND earlier.dead_at IS NULL
-                   )
+               AND (leased_until IS NULL OR leased_until <= now())
+               AND (candidate.correlation_id IS NULL
+                    OR candidate.id = (
+                           SELECT min(earlier.id)
+                             FROM outbox AS earlier
+                            WHERE earlier.correlation_id = candidate.correlation_id
+                              AND earlier.published_at IS NULL
+                              AND earlier.dead_at IS NULL))
              ORDER BY available_at, id
              LIMIT $3::int
                FOR UPDATE SKIP LOCKED
-           )
+           ))
     RETURNING id, routing_key, body::text AS body, headers::text AS headers,
               correlation_id, created_at, attempts,
               headers ->> 'x-request-id' AS request_id,
@@ -100,7 +111,8 @@ SELECT * FROM claimed ORDER BY id
 MARK_PUBLISHED = """
 UPDATE outbox
    SET published_at = now(),
-       claimed_by = NULL
+       claimed_by = NULL,
+       leased_until = NULL
  WHERE id = ANY($1::bigint[])
    AND published_at IS NULL
 """
@@ -117,7 +129,8 @@ UPDATE outbox AS o
        last_error = f.error,
        available_at = now() + make_interval(secs => f.delay),
        dead_at = CASE WHEN o.attempts + 1 >= $5::int THEN now() END,
-       claimed_by = NULL
+       claimed_by = NULL,
+       leased_until = NULL
   FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, error, delay)
  WHERE o.id = f.id
    AND o.published_at IS NULL
@@ -127,10 +140,12 @@ RETURNING o.id, o.routing_key, o.attempts, o.dead_at IS NOT NULL AS dead
 
 #: Hand rows ``$1`` held by relay ``$2`` back at once, without counting an
 #: attempt: the broker connection broke, which is no fault of the messages.
+#: Only the lease goes; ``available_at`` had come already, so the rows are due
+#: again at once, and the update stays HOT.
 RELEASE = """
 UPDATE outbox
-   SET available_at = now(),
-       claimed_by = NULL
+   SET claimed_by = NULL,
+       leased_until = NULL
  WHERE id = ANY($1::bigint[])
    AND published_at IS NULL
    AND claimed_by = $2::text
@@ -139,24 +154,27 @@ UPDATE outbox
 #: Seconds until the earliest claimable row falls due (negative when one is
 #: already due); no row when there is none. The relay sleeps no longer than
 #: this, so scheduled rows and retries go out on time without polling
-#: faster. Leased rows count too: their lease end is when they are due again.
-#: Rows held back behind an earlier row of their key do not count (they would
-#: look overdue and keep the relay spinning); the earlier row's own due time
+#: faster. Leased rows do not count: the relay holding them settles them
+#: itself, and a lease left by a relay that died is found by the next poll
+#: after it ran out (``RELAY_POLL_INTERVAL`` later at most). Rows held back
+#: behind an earlier row of their key do not count either (they would look
+#: overdue and keep the relay spinning); the earlier row's own due time
 #: stands in for them. Walking ``ix_outbox_pending`` in order, the first row
-#: not held back answers, so this stays cheap however large the backlog.
+#: neither leased nor held back answers, so this stays cheap however large
+#: the backlog.
 NEXT_AVAILABLE_AT = """
 SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
   FROM outbox AS candidate
  WHERE published_at IS NULL
    AND dead_at IS NULL
-   AND NOT EXISTS (
-           SELECT 1
-             FROM outbox AS earlier
-            WHERE earlier.correlation_id = candidate.correlation_id
-              AND earlier.id < candidate.id
-              AND earlier.published_at IS NULL
-              AND earlier.dead_at IS NULL
-       )
+   AND (leased_until IS NULL OR leased_until <= now())
+   AND (candidate.correlation_id IS NULL
+        OR candidate.id = (
+               SELECT min(earlier.id)
+                 FROM outbox AS earlier
+                WHERE earlier.correlation_id = candidate.correlation_id
+                  AND earlier.published_at IS NULL
+                  AND earlier.dead_at IS NULL))
  ORDER BY available_at, id
  LIMIT 1
 """
@@ -164,14 +182,19 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
 #: How many rows wait, the age of the oldest, and how long the row due the
 #: longest has been due, for the relay's gauges (sampled every few seconds):
 #: one pass over ``ix_outbox_pending``, whose size is the backlog, not the
-#: table. A row scheduled for later (a ``run_at``, a back-off, a lease) ages
-#: but is not due, so only the last figure says the relays are behind.
+#: table. A row scheduled for later (a ``run_at``, a back-off) or leased by a
+#: relay ages but is not due, so only the last figure says the relays are
+#: behind. A row whose lease ran out counts as due since its ``available_at``:
+#: it has waited that long.
 PENDING_SUMMARY = """
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
            AS oldest_age_seconds,
        coalesce(extract(epoch FROM now() - min(available_at)
-                                    FILTER (WHERE available_at <= now())), 0)::float8
+                                    FILTER (WHERE available_at <= now()
+                                              AND (leased_until IS NULL
+                                                   OR leased_until <= now()))),
+                0)::float8
            AS longest_due_seconds
   FROM outbox
  WHERE published_at IS NULL
@@ -222,7 +245,8 @@ UPDATE outbox
    SET dead_at = NULL,
        attempts = 0,
        available_at = now(),
-       claimed_by = NULL
+       claimed_by = NULL,
+       leased_until = NULL
  WHERE dead_at IS NOT NULL
    AND published_at IS NULL
    AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))

@@ -43,8 +43,7 @@ outbox = Table(
     Column(
         "created_at", DateTime(timezone=True), nullable=False, server_default=func.now()
     ),
-    # Not before this time: a scheduled message, a retry's back-off, or the
-    # lease of the relay that claimed the row (see outbox_relay.queries).
+    # Not before this time: a scheduled message or a retry's back-off.
     Column(
         "available_at",
         DateTime(timezone=True),
@@ -55,7 +54,11 @@ outbox = Table(
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
     Column("dead_at", DateTime(timezone=True), nullable=True),
+    # The lease of the relay that claimed the row: its name and until when
+    # no other relay may claim it (see outbox_relay.queries). No index reads
+    # either column, so a claim is a HOT update that touches no index.
     Column("claimed_by", Text, nullable=True),
+    Column("leased_until", DateTime(timezone=True), nullable=True),
     # Only unpublished, live rows are indexed, so the relay's claim reads the
     # same few pages whether the table holds a hundred or ten million
     # published rows.
@@ -84,4 +87,8 @@ outbox = Table(
         "dead_at",
         postgresql_where=text("dead_at IS NOT NULL"),
     ),
+    # Inserts fill each page only this far, leaving room for the version a
+    # claim writes, so the claim's update stays on the row's page (see
+    # migration 0005).
+    postgresql_with={"fillfactor": 45},
 )

@@ -156,7 +156,7 @@ async def check_invariants(
     )
     claimed = await db.fetchval(
         "SELECT count(*) FROM outbox WHERE claimed_by IS NOT NULL"
-        " OR (published_at IS NULL AND available_at > now())"
+        " OR leased_until IS NOT NULL"
     )
     locks = await db.fetchval(
         """

@@ -58,9 +58,16 @@ def test_claim_skips_rows_another_relay_is_claiming() -> None:
 def test_rows_behind_an_earlier_row_of_their_key_are_held_back(name: str) -> None:
     sql = " ".join(getattr(queries, name).split())
 
-    assert "NOT EXISTS" in sql
+    # A row is claimable only as the smallest pending id of its key.
+    assert "candidate.id = ( SELECT min(earlier.id)" in sql
     assert "earlier.correlation_id = candidate.correlation_id" in sql
-    assert "earlier.id < candidate.id" in sql
+
+
+@pytest.mark.parametrize("name", ["CLAIM_BATCH", "NEXT_AVAILABLE_AT"])
+def test_rows_leased_to_a_relay_are_passed_over(name: str) -> None:
+    sql = " ".join(getattr(queries, name).split())
+
+    assert "(leased_until IS NULL OR leased_until <= now())" in sql
 
 
 @pytest.mark.parametrize("name", ["MARK_FAILED", "RELEASE"])
