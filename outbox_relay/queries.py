@@ -59,11 +59,20 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
 #: Ordering per key: a row with a ``correlation_id`` is claimed only while no
 #: earlier (smaller id) unpublished, live row of the same ``correlation_id``
 #: exists, that is while it is the smallest id of its key in
-#: ``ix_outbox_pending_correlation``. That is asked as ``min(id)``, which the
-#: planner answers with one descent of that index per candidate whatever its
-#: statistics say; asked as ``NOT EXISTS``, it became an anti-join that, with
-#: the backlog estimated at one row among millions, read all of
-#: ``ix_outbox_pending`` for each candidate. So at
+#: ``ix_outbox_pending_correlation`` (a row without a key compares with
+#: itself). The form is chosen for the planner:
+#:
+#: - ``min(id)`` is one descent of that index per candidate whatever the
+#:   statistics say; asked as ``NOT EXISTS``, it became an anti-join that,
+#:   with the backlog estimated at one row among millions, read all of
+#:   ``ix_outbox_pending`` for each candidate.
+#: - ``<=`` rather than ``=``: an equality with ``id`` looks to the planner as
+#:   if it kept one row in fifty thousand, and with a large backlog it then
+#:   read and sorted every pending row instead of stopping after ``$3`` in
+#:   index order. ``<=`` is estimated to keep a third, so the planner
+#:   expects to find ``$3`` rows early in the index and stops there.
+#:
+#: So at
 #: most the oldest row of a key is ever claimed or in flight, by whichever
 #: relay, and the next one only after the broker confirmed it and it was
 #: marked published: one key's messages reach the broker in id order however
@@ -82,13 +91,12 @@ WITH claimed AS (
                AND dead_at IS NULL
                AND available_at <= now()
                AND (leased_until IS NULL OR leased_until <= now())
-               AND (candidate.correlation_id IS NULL
-                    OR candidate.id = (
-                           SELECT min(earlier.id)
-                             FROM outbox AS earlier
-                            WHERE earlier.correlation_id = candidate.correlation_id
-                              AND earlier.published_at IS NULL
-                              AND earlier.dead_at IS NULL))
+               AND candidate.id <= coalesce((
+                       SELECT min(earlier.id)
+                         FROM outbox AS earlier
+                        WHERE earlier.correlation_id = candidate.correlation_id
+                          AND earlier.published_at IS NULL
+                          AND earlier.dead_at IS NULL), candidate.id)
              ORDER BY available_at, id
              LIMIT $3::int
                FOR UPDATE SKIP LOCKED
@@ -168,13 +176,12 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
  WHERE published_at IS NULL
    AND dead_at IS NULL
    AND (leased_until IS NULL OR leased_until <= now())
-   AND (candidate.correlation_id IS NULL
-        OR candidate.id = (
-               SELECT min(earlier.id)
-                 FROM outbox AS earlier
-                WHERE earlier.correlation_id = candidate.correlation_id
-                  AND earlier.published_at IS NULL
-                  AND earlier.dead_at IS NULL))
+   AND candidate.id <= coalesce((
+           SELECT min(earlier.id)
+             FROM outbox AS earlier
+            WHERE earlier.correlation_id = candidate.correlation_id
+              AND earlier.published_at IS NULL
+              AND earlier.dead_at IS NULL), candidate.id)
  ORDER BY available_at, id
  LIMIT 1
 """

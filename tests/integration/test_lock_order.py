@@ -75,3 +75,29 @@ async def test_marking_published_and_claiming_the_same_tasks_never_deadlock(
     statuses = await db.fetch("SELECT status, count(*) FROM tasks GROUP BY status")
     assert sum(row["count"] for row in statuses) == TASKS_PER_ROUND * ROUNDS
     assert {row["status"] for row in statuses} <= {"IN_PROGRESS"}
+
+
+async def test_the_trigger_finds_a_batch_s_published_rows_by_hash(
+    db: asyncpg.Connection[Any],
+) -> None:
+    # Transition tables have no statistics; nested loops over a batch's old
+    # and new rows cost a comparison per pair, a million for 1,000 rows.
+    task_ids, outbox_ids = await new_tasks(db)
+    plans: list[str] = []
+    db.add_log_listener(lambda _, message: plans.append(message.message))
+    await db.execute("LOAD 'auto_explain'")
+    await db.execute("SET auto_explain.log_min_duration = 0")
+    await db.execute("SET auto_explain.log_nested_statements = on")
+    await db.execute("SET client_min_messages = log")
+
+    await db.execute(relay_queries.MARK_PUBLISHED, outbox_ids)
+    await db.execute("RESET client_min_messages")
+
+    (join,) = [plan for plan in plans if "FROM new_rows" in plan]
+    assert "Hash Join" in join, join
+    assert "Nested Loop" not in join, join
+    pending = await db.fetchval(
+        "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status = 'PENDING'",
+        task_ids,
+    )
+    assert pending == len(task_ids)

@@ -224,3 +224,25 @@ async def test_the_views_answer_from_the_seeded_rows(
     assert sum(row["processed"] for row in minutes) == pytest.approx(
         INBOX_ROWS / (30 * 24), rel=0.05
     )
+
+
+@pytest.mark.parametrize("name", ["CLAIM_BATCH", "NEXT_AVAILABLE_AT"])
+async def test_a_table_of_nothing_but_backlog_is_read_in_due_order(
+    db: asyncpg.Connection[Any], name: str
+) -> None:
+    # No published rows at all, so a sequential scan looks cheap: the claim
+    # must still walk the pending index in due order and stop at its limit,
+    # not read and sort every pending row.
+    await db.execute(
+        "INSERT INTO outbox (routing_key, body, correlation_id)"
+        " SELECT 'task.created', '{}', md5(i::text)"
+        " FROM generate_series(1, 50000) AS i"
+    )
+    await db.execute("VACUUM ANALYZE outbox")
+    statement, _, _ = PLANS[name]
+    args = (60.0, "explain", 1024) if name == "CLAIM_BATCH" else ()
+
+    plan = "\n".join(row[0] for row in await db.fetch("EXPLAIN " + statement, *args))
+
+    assert "Seq Scan on outbox" not in plan, plan
+    assert "ix_outbox_pending " in plan, plan
