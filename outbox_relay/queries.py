@@ -56,29 +56,40 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
 #: unpublished, live rows in the order they fall due; leased rows among them
 #: are passed over.
 #:
+#: The update finds the locked rows by ``ctid``, not by ``id``, so it does not
+#: descend ``pk_outbox``, whose depth grows with every row the table keeps.
+#: The ``ctid`` is that of the version the inner query locked: if another
+#: relay changed the row after this statement's snapshot, that version is
+#: one this statement cannot see, and the row is simply not claimed this
+#: time; it is never claimed twice.
+#:
 #: Ordering per key: a row with a ``correlation_id`` is claimed only while no
 #: earlier (smaller id) unpublished, live row of the same ``correlation_id``
 #: exists, that is while it is the smallest id of its key in
 #: ``ix_outbox_pending_correlation`` (a row without a key compares with
-#: itself). The form is chosen for the planner:
+#: itself). So at most the oldest row of a key is ever claimed or in flight,
+#: by whichever relay, and the next one only after the broker confirmed it
+#: and it was marked published: one key's messages reach the broker in id
+#: order however many relays run. An earlier row that is leased, scheduled
+#: for later or backing off after a failure holds the later ones back; a
+#: parked (dead) row does not. Rows without a ``correlation_id`` are not
+#: ordered.
 #:
-#: - ``min(id)`` is one descent of that index per candidate whatever the
-#:   statistics say; asked as ``NOT EXISTS``, it became an anti-join that,
-#:   with the backlog estimated at one row among millions, read all of
-#:   ``ix_outbox_pending`` for each candidate.
+#: The check's form is chosen for the planner:
+#:
+#: - ``min(id)`` is one descent of that index per candidate; asked as
+#:   ``NOT EXISTS``, it became an anti-join that, with the backlog estimated
+#:   at one row among millions, read all of ``ix_outbox_pending`` for each
+#:   candidate.
+#: - ``coalesce(published_at, dead_at) IS NULL`` is the predicate of
+#:   ``ix_outbox_pending_correlation`` and of no other index, so the check
+#:   cannot wander into ``ix_outbox_pending``, and against a walk of
+#:   ``pk_outbox`` in id order the descent is always cheaper.
 #: - ``<=`` rather than ``=``: an equality with ``id`` looks to the planner as
 #:   if it kept one row in fifty thousand, and with a large backlog it then
 #:   read and sorted every pending row instead of stopping after ``$3`` in
 #:   index order. ``<=`` is estimated to keep a third, so the planner
 #:   expects to find ``$3`` rows early in the index and stops there.
-#:
-#: So at
-#: most the oldest row of a key is ever claimed or in flight, by whichever
-#: relay, and the next one only after the broker confirmed it and it was
-#: marked published: one key's messages reach the broker in id order however
-#: many relays run. An earlier row that is leased, scheduled for later or
-#: backing off after a failure holds the later ones back; a parked (dead)
-#: row does not. Rows without a ``correlation_id`` are not ordered.
 CLAIM_BATCH = """
 WITH claimed AS (
     UPDATE outbox
@@ -95,8 +106,8 @@ WITH claimed AS (
                        SELECT min(earlier.id)
                          FROM outbox AS earlier
                         WHERE earlier.correlation_id = candidate.correlation_id
-                          AND earlier.published_at IS NULL
-                          AND earlier.dead_at IS NULL), candidate.id)
+                          AND coalesce(earlier.published_at, earlier.dead_at)
+                              IS NULL), candidate.id)
              ORDER BY available_at, id
              LIMIT $3::int
                FOR UPDATE SKIP LOCKED
@@ -180,8 +191,8 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
            SELECT min(earlier.id)
              FROM outbox AS earlier
             WHERE earlier.correlation_id = candidate.correlation_id
-              AND earlier.published_at IS NULL
-              AND earlier.dead_at IS NULL), candidate.id)
+              AND coalesce(earlier.published_at, earlier.dead_at) IS NULL),
+           candidate.id)
  ORDER BY available_at, id
  LIMIT 1
 """

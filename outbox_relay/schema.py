@@ -70,12 +70,14 @@ outbox = Table(
     ),
     # The claim's ordering check: is there an earlier unpublished, live row
     # of the same correlation id? One probe of this index per candidate row
-    # (see outbox_relay.queries.CLAIM_BATCH).
+    # (see outbox_relay.queries.CLAIM_BATCH). The predicate means what
+    # ix_outbox_pending's does, written so that only the check, which uses
+    # the same words, can use this index (see migration 0007).
     Index(
         "ix_outbox_pending_correlation",
         "correlation_id",
         "id",
-        postgresql_where=text("published_at IS NULL AND dead_at IS NULL"),
+        postgresql_where=text("coalesce(published_at, dead_at) IS NULL"),
     ),
     Index(
         "ix_outbox_published_at",

@@ -61,6 +61,8 @@ def test_rows_behind_an_earlier_row_of_their_key_are_held_back(name: str) -> Non
     # A row is claimable only as the smallest pending id of its key.
     assert "candidate.id <= coalesce(( SELECT min(earlier.id)" in sql
     assert "earlier.correlation_id = candidate.correlation_id" in sql
+    # The predicate of ix_outbox_pending_correlation and of no other index.
+    assert "coalesce(earlier.published_at, earlier.dead_at) IS NULL" in sql
 
 
 @pytest.mark.parametrize("name", ["CLAIM_BATCH", "NEXT_AVAILABLE_AT"])
