@@ -45,6 +45,18 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
     traceparent: str | None = None
 
 
+#: A row no relay holds: never leased, or its lease ran out.
+_NOT_LEASED = "(leased_until IS NULL OR leased_until <= now())"
+
+#: Row ``candidate`` is the oldest unpublished, live row of its key, or has
+#: no key; :data:`CLAIM_BATCH` says why it is written this way.
+_HEAD_OF_ITS_KEY = """candidate.id <= coalesce((
+           SELECT min(earlier.id)
+             FROM outbox AS earlier
+            WHERE earlier.correlation_id = candidate.correlation_id
+              AND coalesce(earlier.published_at, earlier.dead_at) IS NULL),
+           candidate.id)"""
+
 #: Claim up to ``$3`` due rows for relay ``$2`` for ``$1`` seconds; returns
 #: them in id order, which is the order they were written in.
 #:
@@ -90,7 +102,7 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
 #:   read and sorted every pending row instead of stopping after ``$3`` in
 #:   index order. ``<=`` is estimated to keep a third, so the planner
 #:   expects to find ``$3`` rows early in the index and stops there.
-CLAIM_BATCH = """
+CLAIM_BATCH = f"""
 WITH claimed AS (
     UPDATE outbox
        SET leased_until = now() + make_interval(secs => $1::float8),
@@ -101,13 +113,8 @@ WITH claimed AS (
              WHERE published_at IS NULL
                AND dead_at IS NULL
                AND available_at <= now()
-               AND (leased_until IS NULL OR leased_until <= now())
-               AND candidate.id <= coalesce((
-                       SELECT min(earlier.id)
-                         FROM outbox AS earlier
-                        WHERE earlier.correlation_id = candidate.correlation_id
-                          AND coalesce(earlier.published_at, earlier.dead_at)
-                              IS NULL), candidate.id)
+               AND {_NOT_LEASED}
+               AND {_HEAD_OF_ITS_KEY}
              ORDER BY available_at, id
              LIMIT $3::int
                FOR UPDATE SKIP LOCKED
@@ -181,18 +188,13 @@ UPDATE outbox
 #: stands in for them. Walking ``ix_outbox_pending`` in order, the first row
 #: neither leased nor held back answers, so this stays cheap however large
 #: the backlog.
-NEXT_AVAILABLE_AT = """
+NEXT_AVAILABLE_AT = f"""
 SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
   FROM outbox AS candidate
  WHERE published_at IS NULL
    AND dead_at IS NULL
-   AND (leased_until IS NULL OR leased_until <= now())
-   AND candidate.id <= coalesce((
-           SELECT min(earlier.id)
-             FROM outbox AS earlier
-            WHERE earlier.correlation_id = candidate.correlation_id
-              AND coalesce(earlier.published_at, earlier.dead_at) IS NULL),
-           candidate.id)
+   AND {_NOT_LEASED}
+   AND {_HEAD_OF_ITS_KEY}
  ORDER BY available_at, id
  LIMIT 1
 """
@@ -204,14 +206,13 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
 #: relay ages but is not due, so only the last figure says the relays are
 #: behind. A row whose lease ran out counts as due since its ``available_at``:
 #: it has waited that long.
-PENDING_SUMMARY = """
+PENDING_SUMMARY = f"""
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
            AS oldest_age_seconds,
        coalesce(extract(epoch FROM now() - min(available_at)
                                     FILTER (WHERE available_at <= now()
-                                              AND (leased_until IS NULL
-                                                   OR leased_until <= now()))),
+                                              AND {_NOT_LEASED})),
                 0)::float8
            AS longest_due_seconds
   FROM outbox

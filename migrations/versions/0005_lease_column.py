@@ -40,40 +40,28 @@ depends_on: str | Sequence[str] | None = None
 #: claimed as before, with index entries, until they are published.
 FILLFACTOR = 45
 
-#: ``outbox_lag`` with ``due`` leaving out leased rows; the columns and their
-#: order are those of revision 0003's view.
-OUTBOX_LAG = """
+#: ``outbox_lag`` as revision 0003 created it, but for what counts as due;
+#: the columns and their order stay.
+_OUTBOX_LAG = """
     CREATE OR REPLACE VIEW outbox_lag AS
     SELECT routing_key,
            count(*) AS pending,
            min(created_at) AS oldest_created_at,
            now() - min(created_at) AS oldest_age,
            max(attempts) AS max_attempts_so_far,
-           count(*) FILTER (WHERE available_at <= now()
-                              AND (leased_until IS NULL
-                                   OR leased_until <= now())) AS due,
+           count(*) FILTER (WHERE {due}) AS due,
            extract(epoch FROM now() - min(created_at))::float8
                AS oldest_age_seconds
       FROM outbox
      WHERE published_at IS NULL AND dead_at IS NULL
      GROUP BY routing_key
 """
-
+#: A leased row is not due.
+OUTBOX_LAG = _OUTBOX_LAG.format(
+    due="available_at <= now() AND (leased_until IS NULL OR leased_until <= now())"
+)
 #: The view as revision 0003 created it, restored on downgrade.
-OUTBOX_LAG_0003 = """
-    CREATE OR REPLACE VIEW outbox_lag AS
-    SELECT routing_key,
-           count(*) AS pending,
-           min(created_at) AS oldest_created_at,
-           now() - min(created_at) AS oldest_age,
-           max(attempts) AS max_attempts_so_far,
-           count(*) FILTER (WHERE available_at <= now()) AS due,
-           extract(epoch FROM now() - min(created_at))::float8
-               AS oldest_age_seconds
-      FROM outbox
-     WHERE published_at IS NULL AND dead_at IS NULL
-     GROUP BY routing_key
-"""
+OUTBOX_LAG_0003 = _OUTBOX_LAG.format(due="available_at <= now()")
 
 
 def upgrade() -> None:

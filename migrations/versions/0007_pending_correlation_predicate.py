@@ -37,20 +37,18 @@ INDEX = "ix_outbox_pending_correlation"
 
 
 def upgrade() -> None:
-    op.drop_index(INDEX, table_name="outbox")
-    op.create_index(
-        INDEX,
-        "outbox",
-        ["correlation_id", "id"],
-        postgresql_where=sa.text("coalesce(published_at, dead_at) IS NULL"),
-    )
+    _rebuild("coalesce(published_at, dead_at) IS NULL")
 
 
 def downgrade() -> None:
+    _rebuild("published_at IS NULL AND dead_at IS NULL")
+
+
+def _rebuild(predicate: str) -> None:
     op.drop_index(INDEX, table_name="outbox")
     op.create_index(
         INDEX,
         "outbox",
         ["correlation_id", "id"],
-        postgresql_where=sa.text("published_at IS NULL AND dead_at IS NULL"),
+        postgresql_where=sa.text(predicate),
     )

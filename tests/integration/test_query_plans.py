@@ -157,6 +157,18 @@ PLANS: dict[str, tuple[str, tuple[Any, ...], set[str]]] = {
 }
 
 
+async def explain(conn: asyncpg.Connection[Any], statement: str, *args: Any) -> str:
+    """The plan of ``statement``, planned but not run."""
+    return "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + statement, *args))
+
+
+#: The claim at the relay's default batch size, for the tests of a backlog.
+BACKLOG_PLANS = {
+    "CLAIM_BATCH": (queries.CLAIM_BATCH, (60.0, "explain", 1024)),
+    "NEXT_AVAILABLE_AT": (queries.NEXT_AVAILABLE_AT, ()),
+}
+
+
 @pytest.mark.parametrize("name", sorted(PLANS))
 async def test_reads_its_index_and_never_scans_the_table(
     busy_db: asyncpg.Connection[Any], name: str
@@ -164,9 +176,7 @@ async def test_reads_its_index_and_never_scans_the_table(
     statement, args, indexes = PLANS[name]
 
     # EXPLAIN without ANALYZE: the claim and the deletes are only planned.
-    plan = "\n".join(
-        row[0] for row in await busy_db.fetch("EXPLAIN " + statement, *args)
-    )
+    plan = await explain(busy_db, statement, *args)
 
     assert "Seq Scan on outbox" not in plan, plan
     assert "Seq Scan on inbox" not in plan, plan
@@ -190,9 +200,7 @@ async def test_with_a_large_backlog_the_order_check_probes_its_index(
         )
         await busy_db.execute("ANALYZE outbox")
 
-        plan = "\n".join(
-            row[0] for row in await busy_db.fetch("EXPLAIN " + statement, *args)
-        )
+        plan = await explain(busy_db, statement, *args)
     finally:
         await transaction.rollback()
 
@@ -226,7 +234,7 @@ async def test_the_views_answer_from_the_seeded_rows(
     )
 
 
-@pytest.mark.parametrize("name", ["CLAIM_BATCH", "NEXT_AVAILABLE_AT"])
+@pytest.mark.parametrize("name", sorted(BACKLOG_PLANS))
 async def test_a_table_of_nothing_but_backlog_is_read_in_due_order(
     db: asyncpg.Connection[Any], name: str
 ) -> None:
@@ -239,16 +247,14 @@ async def test_a_table_of_nothing_but_backlog_is_read_in_due_order(
         " FROM generate_series(1, 50000) AS i"
     )
     await db.execute("VACUUM ANALYZE outbox")
-    statement, _, _ = PLANS[name]
-    args = (60.0, "explain", 1024) if name == "CLAIM_BATCH" else ()
-
-    plan = "\n".join(row[0] for row in await db.fetch("EXPLAIN " + statement, *args))
+    statement, args = BACKLOG_PLANS[name]
+    plan = await explain(db, statement, *args)
 
     assert "Seq Scan on outbox" not in plan, plan
     assert "ix_outbox_pending " in plan, plan
 
 
-@pytest.mark.parametrize("name", ["CLAIM_BATCH", "NEXT_AVAILABLE_AT"])
+@pytest.mark.parametrize("name", sorted(BACKLOG_PLANS))
 async def test_with_a_backlog_of_a_few_rows_the_order_check_probes_its_index(
     db: asyncpg.Connection[Any], name: str
 ) -> None:
@@ -267,10 +273,8 @@ async def test_with_a_backlog_of_a_few_rows_the_order_check_probes_its_index(
     )
     await db.execute("DELETE FROM outbox WHERE published_at IS NOT NULL")
     await db.execute("VACUUM ANALYZE outbox")
-    statement, _, _ = PLANS[name]
-    args = (60.0, "explain", 1024) if name == "CLAIM_BATCH" else ()
-
-    plan = "\n".join(row[0] for row in await db.fetch("EXPLAIN " + statement, *args))
+    statement, args = BACKLOG_PLANS[name]
+    plan = await explain(db, statement, *args)
 
     assert "ix_outbox_pending_correlation" in plan, plan
     assert "pk_outbox" not in plan, plan

@@ -37,7 +37,7 @@ def test_every_query_in_the_module_is_listed() -> None:
     defined = {
         name
         for name, value in vars(queries).items()
-        if name.isupper() and isinstance(value, str)
+        if name.isupper() and not name.startswith("_") and isinstance(value, str)
     }
 
     assert defined == set(NAMED_QUERIES)
