@@ -297,6 +297,7 @@ class TaskConsumer:
             routing_key=message.routing_key or "",
             body=message.body,
             headers=dict(message.headers or {}),
+            redelivered=bool(message.redelivered),
         )
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(

@@ -46,6 +46,10 @@ class Delivery:
     routing_key: str
     body: bytes
     headers: Mapping[str, object] = field(default_factory=dict)
+    #: Whether the broker delivered this message before, to a consumer that
+    #: never settled it (it died, or its connection did). A copy the relay
+    #: published again is new to the broker, so this is false for it.
+    redelivered: bool = False
 
     @property
     def delivery_count(self) -> int:

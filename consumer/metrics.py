@@ -32,7 +32,8 @@ PROCESSED = Counter(
 )
 DUPLICATES = Counter(
     "consumer_duplicates_skipped",
-    "Deliveries skipped because their message id was already in the inbox.",
+    "Deliveries skipped because their message id was already in the inbox,"
+    " or because another delivery of the task is running it.",
 )
 DEAD_LETTERED = Counter(
     "consumer_dead_lettered",

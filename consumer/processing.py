@@ -4,10 +4,13 @@ The order is what makes a redelivered message harmless:
 
 1. Claim, in one short transaction: skip a message already in the inbox, lock
    the task, leave a terminal task alone, otherwise mark it IN_PROGRESS and
-   count the attempt. A task already IN_PROGRESS is claimed again: its
-   previous consumer died, and this delivery must finish it. If that
-   interrupted attempt was the task's last, the task fails instead: a handler
-   that kills its process cannot loop for more than ``max_attempts`` runs.
+   count the attempt. A task already IN_PROGRESS is claimed again only by a
+   redelivery: the broker gives a message back when the consumer running it
+   died, and this delivery must finish it. If that interrupted attempt was
+   the task's last, the task fails instead: a handler that kills its process
+   cannot loop for more than ``max_attempts`` runs. A message new to the
+   broker that finds its task IN_PROGRESS is a second copy (the relay
+   published it again after a crash) and is acknowledged without running.
 2. Run the handler outside any transaction, so a long task holds no lock and
    no connection. An attempt cut short by shutdown is handed back (PENDING,
    the attempt uncounted) before the message is left for redelivery.
@@ -103,6 +106,9 @@ class Outcome(enum.StrEnum):
     ALREADY_FINISHED = "already_finished"
     #: Another delivery of this message already recorded its effect.
     DUPLICATE = "duplicate"
+    #: A fresh copy of a message whose task another delivery is running; the
+    #: running one records the outcome.
+    COPY_IN_FLIGHT = "copy_in_flight"
 
 
 #: Outcomes in which this delivery gave the task its terminal status, with
@@ -252,9 +258,13 @@ class MessageProcessor:
             result = None
 
         duration_ms = round((time.perf_counter() - started) * 1000, 1)
-        if outcome is Outcome.DUPLICATE:
+        if outcome in (Outcome.DUPLICATE, Outcome.COPY_IN_FLIGHT):
             metrics.DUPLICATES.inc()
-            logger.info("message_duplicate", duration_ms=duration_ms)
+            logger.info(
+                "message_duplicate",
+                in_flight=outcome is Outcome.COPY_IN_FLIGHT,
+                duration_ms=duration_ms,
+            )
             return outcome
 
         metrics.PROCESSED.labels(outcome=outcome.value).inc()
@@ -307,6 +317,15 @@ class MessageProcessor:
                 await self._record_inbox(conn, delivery)
                 return _Settled(Outcome.ALREADY_FINISHED)
 
+            if task["status"] == TaskStatus.IN_PROGRESS and not delivery.redelivered:
+                # Only the broker's redelivery means the running attempt's
+                # consumer died; a message new to the broker is a second copy
+                # (the relay published it again) while the first one runs.
+                # No inbox row: the running delivery must still record its
+                # outcome. Should it die after all, its redelivery, or the
+                # stuck-task sweep, finishes the task.
+                return _Settled(Outcome.COPY_IN_FLIGHT)
+
             if (
                 task["status"] == TaskStatus.IN_PROGRESS
                 and task["attempts"] >= task["max_attempts"]
@@ -341,6 +360,7 @@ class MessageProcessor:
                 queries.CLAIM_READY_TASKS,
                 [request.task_id for request in requests],
                 [request.delivery.message_id for request in requests],
+                [request.delivery.redelivered for request in requests],
                 self._type_names,
             )
         claimed = {row["message_id"]: row for row in rows}

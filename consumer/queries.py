@@ -209,13 +209,15 @@ INBOX_THROUGHPUT = text(
 #: The common claim, for a batch of deliveries in one statement: start the
 #: next attempt of each task of ``$1`` (task ids) whose message in ``$2``
 #: (message ids, in the same order) has no inbox row, if the task is ready to
-#: run (NEW or PENDING, or IN_PROGRESS with attempts left, i.e. its previous
-#: consumer died) and of a type this consumer knows (``$3``, an array of
-#: names). Returns one row per claimed task, with what the attempt needs; a
-#: delivery without a row goes through :data:`LOCK_TASK` in a transaction of
-#: its own, which decides the rest (duplicate, finished, interrupted for the
-#: last time, unknown type, or gone). No two deliveries of a batch share a task
-#: or a message id (see :mod:`consumer.batching`).
+#: run and of a type this consumer knows (``$4``, an array of names). Ready
+#: means NEW or PENDING, or IN_PROGRESS with attempts left when the delivery
+#: is a redelivery (``$3``, in the same order as ``$1``): the broker gave the
+#: message back because the consumer running it died. Returns one row per
+#: claimed task, with what the attempt needs; a delivery without a row goes
+#: through :data:`LOCK_TASK` in a transaction of its own, which decides the
+#: rest (duplicate, finished, a copy of a running message, interrupted for
+#: the last time, unknown type, or gone). No two deliveries of a batch share a
+#: task or a message id (see :mod:`consumer.batching`).
 #:
 #: The tasks are locked in id order first, so two batches that share a task
 #: (a redelivery in another consumer) wait for each other instead of
@@ -223,7 +225,9 @@ INBOX_THROUGHPUT = text(
 #: the inbox check is a plain read, as in :data:`LOCK_TASK`.
 CLAIM_READY_TASKS = """
 WITH wanted AS MATERIALIZED (
-    SELECT * FROM unnest($1::uuid[], $2::text[]) AS w(task_id, message_id)
+    SELECT *
+      FROM unnest($1::uuid[], $2::text[], $3::bool[])
+           AS w(task_id, message_id, redelivered)
 ),
 locked AS MATERIALIZED (
     SELECT id FROM tasks
@@ -239,9 +243,10 @@ UPDATE tasks AS t
   FROM locked
   JOIN wanted ON wanted.task_id = locked.id
  WHERE t.id = locked.id
-   AND t.type = ANY($3::text[])
+   AND t.type = ANY($4::text[])
    AND (t.status IN ('NEW', 'PENDING')
-        OR (t.status = 'IN_PROGRESS' AND t.attempts < t.max_attempts))
+        OR (t.status = 'IN_PROGRESS' AND wanted.redelivered
+            AND t.attempts < t.max_attempts))
    AND NOT EXISTS (SELECT 1 FROM inbox WHERE message_id = wanted.message_id)
 RETURNING wanted.message_id, t.type, t.payload, t.attempts, t.max_attempts,
           t.created_at

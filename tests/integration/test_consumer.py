@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from consumer import queries
 from consumer.consumer import TaskConsumer
 from consumer.settings import ConsumerSettings
-from consumer.topology import TopologyNames
+from consumer.topology import TopologyNames, declare_topology
 from service.handlers import checksum_of
 from service.registry import load_registry
 from tests.conftest import AMQP_URL, ROOT
@@ -195,6 +195,37 @@ class Harness:
             correlation_id=str(task_id),
             headers=headers,
         )
+        return message_id
+
+    async def publish_abandoned(
+        self, task_id: uuid.UUID, task_type: str, *, copies: int = 1
+    ) -> str:
+        """Publish ``copies`` of one work message and take each the way a
+        consumer that dies does: delivered, never acknowledged. The broker
+        puts them back marked redelivered, as it would after a crash. Call
+        before ``start``, or a running consumer may take a fresh copy first."""
+        settings = self.settings()
+        channel = await self.amqp.channel()
+        try:
+            await declare_topology(
+                channel,
+                self.names,
+                delivery_limit=settings.consumer_delivery_limit,
+                task_events_max_length=settings.task_events_max_length,
+            )
+            message_id = await self.publish(task_id, task_type)
+            for _ in range(copies - 1):
+                await self.publish(task_id, task_type, message_id=message_id)
+            queue = await channel.get_queue(self.names.tasks_queue)
+
+            async def delivered() -> aio_pika.abc.AbstractIncomingMessage | None:
+                return await queue.get(no_ack=False, fail=False)
+
+            for _ in range(copies):
+                taken = await eventually(delivered, "the message to be delivered")
+                assert taken.message_id == message_id and not taken.redelivered
+        finally:
+            await channel.close()
         return message_id
 
     async def task(self, task_id: uuid.UUID) -> asyncpg.Record:
@@ -558,13 +589,13 @@ async def test_recorded_effect_happens_once_however_often_delivered(
     harness: Harness,
 ) -> None:
     await harness.db.execute(LEDGER_TABLE_DDL)
-    consumer = await harness.start()
     task_id = await harness.insert_task("ledger", {"amount": 7, "delay": 0.5})
 
-    # Both deliveries arrive while the first still runs, so both claim the
-    # task and run the handler; only the inbox insert can keep them apart.
-    message_id = await harness.publish(task_id, "ledger")
-    await harness.publish(task_id, "ledger", message_id=message_id)
+    # Two redeliveries (as if two consumers had lost their connections)
+    # arrive together, so both claim the task and run the handler; only the
+    # inbox insert can keep them apart.
+    message_id = await harness.publish_abandoned(task_id, "ledger", copies=2)
+    consumer = await harness.start()
     task = await harness.wait_status(task_id, "COMPLETED")
     await eventually(
         lambda: asyncio.sleep(0, result=consumer.in_flight == 0), "deliveries done"
@@ -586,13 +617,13 @@ async def test_recorded_effect_happens_once_however_often_delivered(
 async def test_overlapping_deliveries_of_a_plain_task_complete_it_once(
     harness: Harness,
 ) -> None:
-    consumer = await harness.start()
     task_id = await harness.insert_task("sleep", {"seconds": 0.5})
 
     # A type without a recorder completes in one statement; the inbox insert
-    # inside it is what keeps the second delivery from completing it again.
-    message_id = await harness.publish(task_id, "sleep")
-    await harness.publish(task_id, "sleep", message_id=message_id)
+    # inside it is what keeps the second of two overlapping redeliveries from
+    # completing it again.
+    message_id = await harness.publish_abandoned(task_id, "sleep", copies=2)
+    consumer = await harness.start()
     await harness.wait_status(task_id, "COMPLETED")
     await eventually(
         lambda: asyncio.sleep(0, result=consumer.in_flight == 0), "deliveries done"
@@ -703,12 +734,17 @@ async def test_one_batch_completes_each_task_as_its_own_delivery_would(
 
 
 async def claim_ready(
-    db: asyncpg.Connection, *deliveries: tuple[uuid.UUID, str]
+    db: asyncpg.Connection,
+    *deliveries: tuple[uuid.UUID, str],
+    redelivered: frozenset[str] = frozenset(),
 ) -> dict[str, asyncpg.Record]:
+    """Run the batched claim; the message ids in ``redelivered`` come as the
+    broker's redeliveries, the others as new messages."""
     rows = await db.fetch(
         queries.CLAIM_READY_TASKS,
         [task_id for task_id, _ in deliveries],
         [message_id for _, message_id in deliveries],
+        [message_id in redelivered for _, message_id in deliveries],
         REGISTRY.names(),
     )
     return {row["message_id"]: row for row in rows}
@@ -717,6 +753,9 @@ async def claim_ready(
 async def test_one_batch_claims_only_the_tasks_ready_to_run(harness: Harness) -> None:
     new = await harness.insert_task("sleep", {"seconds": 1}, status="NEW")
     interrupted = await harness.insert_task(
+        "sleep", {"seconds": 1}, status="IN_PROGRESS", attempts=1
+    )
+    running = await harness.insert_task(
         "sleep", {"seconds": 1}, status="IN_PROGRESS", attempts=1
     )
     last_attempt = await harness.insert_task(
@@ -733,11 +772,13 @@ async def test_one_batch_claims_only_the_tasks_ready_to_run(harness: Harness) ->
         harness.db,
         (new, "m-new"),
         (interrupted, "m-interrupted"),
+        (running, "m-copy"),
         (last_attempt, "m-last"),
         (finished, "m-finished"),
         (unknown, "m-unknown"),
         (seen, "m-seen"),
         (uuid.uuid4(), "m-missing"),
+        redelivered=frozenset({"m-interrupted", "m-last"}),
     )
 
     assert {m: r["attempts"] for m, r in claimed.items()} == {
@@ -747,6 +788,8 @@ async def test_one_batch_claims_only_the_tasks_ready_to_run(harness: Harness) ->
     assert claimed["m-new"]["payload"] == {"seconds": 1}
     for task_id in (new, interrupted):
         assert (await harness.task(task_id))["status"] == "IN_PROGRESS"
+    # A new message for a running task is a second copy, not a takeover.
+    assert (await harness.task(running))["attempts"] == 1
     assert (await harness.task(last_attempt))["attempts"] == 3
     assert (await harness.task(seen))["status"] == "PENDING"
 

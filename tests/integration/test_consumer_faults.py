@@ -172,13 +172,13 @@ async def test_shutdown_during_an_outage_leaves_the_message_in_the_queue(
 async def test_a_redelivery_after_an_interrupted_last_attempt_fails_the_task(
     harness: Harness,
 ) -> None:
-    await harness.start()
     # As a consumer that died during attempt 3 of 3 leaves it.
     task_id = await harness.insert_task(
         "checksum", {"text": "x"}, status="IN_PROGRESS", attempts=3, max_attempts=3
     )
+    message_id = await harness.publish_abandoned(task_id, "checksum")
 
-    message_id = await harness.publish(task_id, "checksum")
+    await harness.start()
     task = await harness.wait_status(task_id, "FAILED")
 
     assert task["attempts"] == 3
@@ -188,6 +188,50 @@ async def test_a_redelivery_after_an_interrupted_last_attempt_fails_the_task(
     assert event["routing_key"] == "task.failed"
     assert event["body"]["attempts"] == 3
     assert await harness.inbox_count(message_id) == 1
+
+
+async def test_a_redelivery_after_an_interrupted_attempt_runs_the_task_again(
+    harness: Harness,
+) -> None:
+    # As a consumer that died during attempt 1 of 3 leaves it.
+    task_id = await harness.insert_task(
+        "checksum", {"text": "x"}, status="IN_PROGRESS", attempts=1, max_attempts=3
+    )
+    message_id = await harness.publish_abandoned(task_id, "checksum")
+
+    await harness.start()
+    task = await harness.wait_status(task_id, "COMPLETED")
+
+    assert task["attempts"] == 2
+    assert await harness.inbox_count(message_id) == 1
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])
+async def test_a_second_copy_of_a_running_message_is_dropped_unrun(
+    harness: Harness, max_attempts: int
+) -> None:
+    # A relay that dies after the broker confirmed a batch and before marking
+    # it publishes the batch again: the same message id, fresh to the broker,
+    # delivered while the first copy's attempt runs.
+    await harness.start()
+    task_id = await harness.insert_task(
+        "sleep", {"seconds": 1}, max_attempts=max_attempts
+    )
+    message_id = await harness.publish(task_id, "sleep")
+    await harness.wait_status(task_id, "IN_PROGRESS")
+
+    with capture_logs() as logs:
+        await harness.publish(task_id, "sleep", message_id=message_id)
+        task = await harness.wait_status(task_id, "COMPLETED")
+        await harness.sentinel()
+
+    assert (task["attempts"], task["error"]) == (1, None)
+    assert [e["routing_key"] for e in await harness.outbox(task_id)] == [
+        "task.completed"
+    ]
+    assert await harness.inbox_count(message_id) == 1
+    copies = [e for e in logs if e["event"] == "message_duplicate"]
+    assert [e.get("in_flight") for e in copies] == [True]
 
 
 async def test_a_handler_without_its_own_timeout_stops_at_the_time_limit(

@@ -65,6 +65,7 @@ async def test_marking_published_and_claiming_the_same_tasks_never_deadlock(
                     consumer_queries.CLAIM_READY_TASKS,
                     task_ids,
                     [f"m-{task_id}" for task_id in task_ids],
+                    [False] * len(task_ids),
                     ["sleep"],
                 ),
             )
