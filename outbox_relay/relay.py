@@ -7,6 +7,15 @@ the connection dropped are handed back without counting. A full batch is
 followed at once by another pass; otherwise the relay sleeps until a NOTIFY, the
 next row's due time or the poll interval, whichever comes first.
 
+A batch the broker confirmed whole is marked in the background while the next
+pass claims and publishes, so the database's work on one batch overlaps the
+broker's on the next. At most one such mark runs, and it commits before the
+next batch is marked, so batches are settled in the order they were
+published. This cannot reorder a key's rows: until a row is marked, the claim
+still sees it as its key's oldest unpublished row and takes none behind it.
+A batch with anything but confirms (failures, releases) is settled before
+the pass ends, as are the batches an outage left unsettled.
+
 A message that makes the broker close the channel fails every message then
 in flight on it. Those rows are released without counting an attempt and
 remembered as suspects; the next pass publishes each suspect alone, so only
@@ -30,6 +39,7 @@ sampler that keeps the backlog gauges current (see :mod:`outbox_relay.metrics`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Iterable
@@ -122,7 +132,13 @@ class OutboxRelay:
         self._broker = DependencyHealth("broker")
         self._store = store
         self._publisher = publisher
-        self._unsettled: _PublishedBatch | None = None
+        #: Batches the broker answered for and the database has not yet
+        #: heard of, oldest first. Kept until settled: if the database goes
+        #: away, the next pass marks them first instead of letting their
+        #: lease expire and publishing them a second time.
+        self._unsettled: list[_PublishedBatch] = []
+        #: The background settle of the last pass's batch, if any.
+        self._settling: asyncio.Task[None] | None = None
         #: Rows in flight when the broker closed the channel; published one at
         #: a time when next claimed. Insertion-ordered, so the oldest go first
         #: when the set is trimmed.
@@ -190,14 +206,17 @@ class OutboxRelay:
                 continue
 
             try:
-                if self._unsettled is not None:
-                    await self._settle(store, self._unsettled)
+                if self._settling is None or self._settling.done():
+                    # Only does something after an outage interrupted a settle.
+                    await self._catch_up(store)
                 full, broker_error = await self._pass(store, publisher)
                 self._database.up()
 
                 if broker_error is None:
                     self._broker.up()
                     if not full:
+                        # Nothing stays leased (or unlogged) while idle.
+                        await self._catch_up(store)
                         await self._idle(store, stop)
             except DatabaseUnavailableError as exc:
                 await self._pause(stop, self._database.down(exc))
@@ -247,7 +266,8 @@ class OutboxRelay:
     async def _pass(
         self, store: OutboxStore, publisher: OutboxPublisher
     ) -> tuple[bool, BrokerUnavailableError | None]:
-        """Claim, publish and settle one batch.
+        """Claim, publish and settle one batch (in the background when the
+        broker confirmed all of it).
 
         Returns whether the batch was full (more may be due) and the broker
         error that interrupted it, if any.
@@ -256,6 +276,7 @@ class OutboxRelay:
         # is in flight makes the next idle wait return at once.
         self._wakeup.clear()
         started = time.monotonic()
+        # The previous batch may still be being marked meanwhile.
         rows = await store.claim(
             self._settings.relay_batch_size, self._settings.relay_lease_seconds
         )
@@ -263,13 +284,16 @@ class OutboxRelay:
             return False, None
 
         outcome = await self._publish(publisher, rows)
-        # Kept until settled: if the database goes away now, the next pass
-        # marks these rows first instead of letting their lease expire and
-        # publishing them a second time.
-        self._unsettled = _PublishedBatch(
-            rows, outcome, started, confirmed_at=datetime.now(UTC)
+        self._unsettled.append(
+            _PublishedBatch(rows, outcome, started, confirmed_at=datetime.now(UTC))
         )
-        await self._settle(store, self._unsettled)
+        await self._settled_behind()
+        if len(outcome.published) == len(rows):
+            self._settling = asyncio.create_task(
+                self._settle_behind(store), name="outbox-relay-settle"
+            )
+        else:
+            await self._settle_all(store)
 
         # Released suspects are due again at once and must not wait for the
         # poll interval: the next pass isolates them.
@@ -323,6 +347,29 @@ class OutboxRelay:
                 del self._suspects[next(iter(self._suspects))]
         return outcome
 
+    async def _catch_up(self, store: OutboxStore) -> None:
+        """Wait for the background settle, then settle what is still unsettled."""
+        await self._settled_behind()
+        await self._settle_all(store)
+
+    async def _settled_behind(self) -> None:
+        """Wait for the background settle, if one runs."""
+        settling, self._settling = self._settling, None
+        if settling is not None:
+            await settling
+
+    async def _settle_all(self, store: OutboxStore) -> None:
+        """Settle the unsettled batches, oldest first."""
+        while self._unsettled:
+            await self._settle(store, self._unsettled[0])
+
+    async def _settle_behind(self, store: OutboxStore) -> None:
+        """:meth:`_settle_all` in the background. An outage leaves the batches
+        unsettled for the loop, whose next statement meets the outage too and
+        reports it; any other error surfaces where this task is awaited."""
+        with contextlib.suppress(DatabaseUnavailableError):
+            await self._settle_all(store)
+
     async def _settle(self, store: OutboxStore, batch: _PublishedBatch) -> None:
         """Write a batch's outcome to the outbox; safe to repeat after a failure.
 
@@ -350,7 +397,7 @@ class OutboxRelay:
         ]
         recorded = await store.mark_failed(failures, settings.relay_max_attempts)
         await store.release([*outcome.unsent, *outcome.suspect])
-        self._unsettled = None
+        self._unsettled.remove(batch)
 
         # Counted only now that every statement went through: a settle that
         # failed half-way is repeated in full, and must not count twice.
@@ -468,15 +515,14 @@ class OutboxRelay:
 
     async def _shutdown(self, store: OutboxStore) -> None:
         """Settle what the broker confirmed if the database allows, then close."""
-        if self._unsettled is not None:
-            try:
-                await self._settle(store, self._unsettled)
-            except DatabaseUnavailableError as exc:
-                self._log.warning(
-                    "outbox_batch_unsettled",
-                    count=len(self._unsettled.rows),
-                    error=str(exc),
-                )
+        try:
+            await self._catch_up(store)
+        except DatabaseUnavailableError as exc:
+            self._log.warning(
+                "outbox_batch_unsettled",
+                count=sum(len(batch.rows) for batch in self._unsettled),
+                error=str(exc),
+            )
 
         if self._publisher is not None:
             await self._publisher.close()

@@ -127,10 +127,12 @@ class OutboxStore:
         ``min_size=0`` lets the relay start while PostgreSQL is down; the
         first statement connects, and its failure is waited out like any other.
         """
+        # One connection each for the claim, the background mark of the
+        # previous batch (see outbox_relay.relay) and the backlog sampler.
         pool = await asyncpg.create_pool(
             asyncpg_dsn(database_url),
             min_size=0,
-            max_size=2,
+            max_size=3,
             timeout=CONNECT_TIMEOUT_SECONDS,
             command_timeout=STATEMENT_TIMEOUT_SECONDS,
             server_settings={"application_name": f"outbox_relay {relay_name}"},

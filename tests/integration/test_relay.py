@@ -544,6 +544,45 @@ async def test_broker_outage_holds_rows_back_and_is_logged_once(
     assert ids == [str(before_id), str(during_id)]
 
 
+async def test_a_batch_the_broker_does_not_confirm_in_time_is_failed_and_retried(
+    db: asyncpg.Connection[Any], database_url: str, amqp_prefix: str, tasks_queue: Any
+) -> None:
+    broker = TcpProxy(5672)
+    await broker.open()
+    settings = relay_settings(
+        database_url,
+        amqp_prefix,
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{broker.port}/",
+        relay_publish_timeout=0.5,
+    )
+
+    try:
+        async with running_relay(settings):
+            first = await insert_row(db)
+            await eventually(lambda: published(db, first), what="first row")
+
+            # The connection stays up, but no confirm comes back.
+            broker.stall()
+            stalled = await insert_row(db)
+
+            async def attempted() -> asyncpg.Record | None:
+                row = await outbox_row(db, stalled)
+                return row if row["attempts"] > 0 else None
+
+            row = await eventually(attempted, what="the unconfirmed attempt")
+            assert row["published_at"] is None
+            assert row["last_error"] == "not confirmed within 0.5 s"
+
+            broker.resume()
+            await eventually(lambda: published(db, stalled), what="the retry")
+    finally:
+        await broker.close()
+
+    # The unconfirmed copy may have reached the queue too: at least once.
+    ids = {m.message_id for m in await drain(tasks_queue)}
+    assert ids == {str(first), str(stalled)}
+
+
 async def test_database_outage_is_waited_out_and_logged_once(
     db: asyncpg.Connection[Any], database_url: str, amqp_prefix: str, tasks_queue: Any
 ) -> None:

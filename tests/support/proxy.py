@@ -1,4 +1,5 @@
-"""A TCP proxy the tests control, to cut or refuse a process's connections."""
+"""A TCP proxy the tests control, to cut, refuse or stall a process's
+connections."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ def free_port() -> int:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:``port`` to ``target``; can refuse and cut connections.
+    """Forwards 127.0.0.1:``port`` to ``target``; can refuse, cut and stall
+    connections.
 
     While closed, nothing listens on the port, so clients see "connection
-    refused", exactly as with a server that is down.
+    refused", exactly as with a server that is down. While stalled, the
+    connections stay open but nothing is forwarded either way until
+    :meth:`resume`, as over a network path that stopped delivering.
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -26,6 +30,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def open(self) -> None:
         if self._server is None:
@@ -52,6 +58,14 @@ class TcpProxy:
                 await pipe
         self._writers.clear()
 
+    def stall(self) -> None:
+        """Hold back whatever arrives, in both directions, until resumed."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward what was held back, and everything after it."""
+        self._flowing.set()
+
     async def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -71,6 +85,7 @@ class TcpProxy:
     ) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -56,6 +56,9 @@ class FakeStore:
         self.failed: list[RowFailure] = []
         self.released: list[int] = []
         self.fail_next: dict[str, int] = {}
+        #: Marks wait for this; cleared, they hang as a slow commit would.
+        self.mark_gate = asyncio.Event()
+        self.mark_gate.set()
 
     def _maybe_fail(self, method: str) -> None:
         if self.fail_next.get(method, 0) > 0:
@@ -72,6 +75,7 @@ class FakeStore:
 
     async def mark_published(self, ids: Sequence[int]) -> None:
         self._maybe_fail("mark_published")
+        await self.mark_gate.wait()
         self.published.extend(i for i in ids if i not in self.published)
 
     async def mark_failed(
@@ -280,6 +284,37 @@ async def test_a_batch_confirmed_before_the_database_left_is_marked_first() -> N
 
     # Marked from memory after the outage, not claimed and published again.
     assert publisher.batches == [[1]]
+
+
+async def test_the_next_batch_goes_out_while_the_last_one_is_marked() -> None:
+    store = FakeStore(make_rows(1, 2, 3))
+    store.mark_gate.clear()
+    publisher = FakePublisher(lambda row: None)
+    relay = OutboxRelay(settings(relay_batch_size=1), store=store, publisher=publisher)  # type: ignore[arg-type]
+
+    async with running(relay):
+        try:
+            await until(lambda: publisher.batches == [[1], [2]], within=2)
+            # Batch 2 was claimed and published while batch 1's mark hung,
+            # and no third batch goes out before that mark commits.
+            await asyncio.sleep(0.1)
+            assert (publisher.batches, store.published) == ([[1], [2]], [])
+        finally:
+            store.mark_gate.set()
+        await until(lambda: store.published == [1, 2, 3])
+
+
+async def test_a_mark_the_database_interrupted_is_repeated_first() -> None:
+    store = FakeStore(make_rows(1, 2))
+    store.fail_next["mark_published"] = 1
+    publisher = FakePublisher(lambda row: None)
+    relay = OutboxRelay(settings(relay_batch_size=1), store=store, publisher=publisher)  # type: ignore[arg-type]
+
+    async with running(relay):
+        await until(lambda: len(store.published) == 2)
+
+    assert store.published == [1, 2]
+    assert publisher.batches == [[1], [2]]
 
 
 async def test_stop_lets_the_batch_in_flight_finish() -> None:
