@@ -2,14 +2,20 @@
 
 Only entry points call :func:`configure_logging`; modules just ask
 ``structlog.get_logger(__name__)``. Library loggers (uvicorn, aio-pika,
-SQLAlchemy) go through the same renderer so a process prints one format.
+SQLAlchemy) go through the same processors and renderer, so a process prints
+one format.
+
+The project's own events do not pass through the standard library: the
+consumer logs a line per task and the API one per request, and a
+``LogRecord``, a handler and a formatter per line cost more than rendering
+it. A call below the level is a no-op.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -22,8 +28,21 @@ _SHARED_PROCESSORS: list[Any] = [
 ]
 
 
+class _NamedWriteLoggerFactory:
+    """Makes structlog's ``WriteLogger`` for a stream, carrying the name it
+    was asked for (``get_logger(__name__)``) for ``add_logger_name``."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> structlog.WriteLogger:
+        logger = structlog.WriteLogger(self._file)
+        logger.name = args[0] if args else "root"  # type: ignore[attr-defined]
+        return logger
+
+
 def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
-    """Route structlog and the standard library through one renderer.
+    """Print structlog's events and library records through one renderer.
 
     ``json=None`` picks JSON unless standard error is a terminal.
     """
@@ -58,13 +77,13 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
 
     structlog.configure(
         processors=[
-            # First, so an event below the level costs a level check and no
-            # more (the relay has a DEBUG line per published row).
-            structlog.stdlib.filter_by_level,
             *_SHARED_PROCESSORS,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            structlog.processors.format_exc_info,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_NamedWriteLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(level.upper())
+        ),
         cache_logger_on_first_use=True,
     )
