@@ -1,14 +1,20 @@
-"""The LISTEN connection that wakes the relay when rows are inserted.
+"""A LISTEN connection kept open: notifications in, reconnects with back-off.
 
-Notifications only make the relay prompt; they never carry data and nothing
-depends on receiving every one. PostgreSQL sends them at commit, one per
-inserting statement. While this connection is down the relay still polls, so
-a dead LISTEN or a lost notification delays rows by at most the poll interval.
+The relay listens on the outbox's channel, which wakes it when rows are
+inserted. Those notifications only make it prompt; they never carry data and
+nothing depends on receiving every one. PostgreSQL sends them at commit, one
+per inserting statement. While this connection is down the relay still
+polls, so a dead LISTEN or a lost notification delays rows by at most the
+poll interval.
+
+The API listens the same way for changed API keys (``service.key_cache``);
+it needs to know when it is *not* listening, which ``on_lost`` tells.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -17,7 +23,6 @@ import structlog
 from outbox_relay import queries
 from outbox_relay.config import asyncpg_dsn
 from outbox_relay.errors import DatabaseUnavailableError
-from outbox_relay.outbox import NOTIFY_CHANNEL
 from outbox_relay.resilience import DependencyHealth, wait_first
 from outbox_relay.store import database_errors
 
@@ -32,18 +37,32 @@ CONNECT_TIMEOUT = 10.0
 
 
 class NotificationListener:
-    """Keeps one connection listening on the outbox channel; sets ``wakeup``.
+    """Keeps one connection listening on ``channel``.
 
-    ``wakeup`` is also set after every (re)connection: rows inserted while
-    nobody listened sent their notifications to no one.
+    ``on_notify`` gets each notification's payload. ``on_listening`` is
+    called once the connection listens, after every (re)connection:
+    notifications sent while nobody listened reached no one, so a caller
+    must assume it missed some. ``on_lost`` is called when a connection that
+    listened is gone (or closed on stop). The callbacks run on the event
+    loop and must not block.
     """
 
     def __init__(
-        self, database_url: str, relay_name: str, wakeup: asyncio.Event
+        self,
+        database_url: str,
+        application_name: str,
+        channel: str,
+        *,
+        on_notify: Callable[[str], None],
+        on_listening: Callable[[], None],
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._dsn = asyncpg_dsn(database_url)
-        self._application_name = f"outbox_relay listen {relay_name}"
-        self._wakeup = wakeup
+        self._application_name = application_name
+        self._channel = channel
+        self._on_notify_payload = on_notify
+        self._on_listening = on_listening
+        self._on_lost = on_lost
         self._health = DependencyHealth("listen")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -68,9 +87,10 @@ class NotificationListener:
         conn = await self._connect(lost)
         try:
             self._health.up()
-            self._wakeup.set()
+            self._on_listening()
             await self._watch(conn, lost, stop)
         finally:
+            self._on_lost()
             await self._close(conn)
 
     async def _connect(self, lost: asyncio.Event) -> asyncpg.Connection[Any]:
@@ -83,7 +103,7 @@ class NotificationListener:
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
             with database_errors():
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                await conn.add_listener(self._channel, self._on_notify)
         except BaseException:
             await self._close(conn)
             raise
@@ -110,7 +130,7 @@ class NotificationListener:
         channel: str,
         payload: object,
     ) -> None:
-        self._wakeup.set()
+        self._on_notify_payload(str(payload))
 
     async def _close(self, conn: asyncpg.Connection[Any]) -> None:
         if conn.is_closed():

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 
 _SHARED_PROCESSORS: list[Any] = [
@@ -41,6 +43,13 @@ class _NamedWriteLoggerFactory:
         return logger
 
 
+def _json_line(event: dict[str, Any], default: Callable[[Any], Any]) -> str:
+    """One event as a JSON object, by msgspec: several times cheaper than the
+    standard library's encoder, for a line per request or task. ``default``
+    is structlog's fallback (``repr`` for what JSON has no form for)."""
+    return msgspec.json.encode(event, enc_hook=default).decode()
+
+
 def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     """Print structlog's events and library records through one renderer.
 
@@ -50,7 +59,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         json = not sys.stderr.isatty()
 
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if json
         else structlog.dev.ConsoleRenderer(
             colors=True, exception_formatter=structlog.dev.plain_traceback

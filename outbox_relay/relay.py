@@ -51,6 +51,7 @@ import structlog
 from outbox_relay import metrics
 from outbox_relay.errors import BrokerUnavailableError, DatabaseUnavailableError
 from outbox_relay.listener import NotificationListener
+from outbox_relay.outbox import NOTIFY_CHANNEL
 from outbox_relay.publisher import BatchOutcome, OutboxPublisher
 from outbox_relay.queries import OutboxRow
 from outbox_relay.resilience import DependencyHealth, retry_delay, wait_first
@@ -169,7 +170,12 @@ class OutboxRelay:
         if store is None:
             store = await OutboxStore.open(settings.database_url, settings.relay_name)
         listener = NotificationListener(
-            settings.database_url, settings.relay_name, self._wakeup
+            settings.database_url,
+            f"outbox_relay listen {settings.relay_name}",
+            NOTIFY_CHANNEL,
+            on_notify=lambda _payload: self._wakeup.set(),
+            # Rows inserted while nobody listened woke no one.
+            on_listening=self._wakeup.set,
         )
         listener_stop = asyncio.Event()
         listener_task = asyncio.create_task(

@@ -7,8 +7,9 @@ keeps only the SHA-256 of the whole key, so neither a copy of the table nor a
 log of queries reveals a usable key. The key itself is shown once, when it is
 created.
 
-Keys are looked up on every request, never cached, so revoking one takes
-effect with the next request, on every API replica.
+The API remembers the principal of a key it found live for a short while,
+and forgets every key as soon as any key changes (``service.key_cache``), so
+revoking one takes effect at once on every API replica.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from service.auth import ApiAccessMiddleware
 from service.database import create_engine
+from service.key_cache import ApiKeyCache, listening_for_key_changes
 from service.middleware import RequestTelemetryMiddleware, add_request_id_header
 from service.problems import EXCEPTION_HANDLERS
 from service.rate_limit import PrincipalRateLimiter
@@ -50,8 +51,10 @@ def create_app(
         engine = create_engine(settings)
         app.state.engine = engine
         app.state.rate_limiter = PrincipalRateLimiter.from_settings(settings)
+        key_cache = app.state.key_cache = ApiKeyCache(settings.api_key_cache_seconds)
         try:
-            yield
+            async with listening_for_key_changes(key_cache, settings.database_url):
+                yield
         finally:
             await engine.dispose()
             if own_provider:

@@ -8,7 +8,8 @@ request against the principal's rate, then checks the scope the route names
 in ``opt["scope"]``. A route that names none needs ``admin``.
 
 It runs before the body is read, so a request without a key costs one index
-lookup and never a body parse.
+lookup and never a body parse. A live key's principal is remembered for a
+while (:mod:`service.key_cache`), forgotten as soon as any key changes.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from __future__ import annotations
 import re
 
 import structlog
+from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import api_keys
 from service.api_keys import Principal
 from service.database import driver_connection
 from service.errors import AuthenticationError, MissingScopeError
+from service.key_cache import ApiKeyCache
 from service.rate_limit import PrincipalRateLimiter
 
 #: RFC 6750 credentials: the scheme is case-insensitive, the token is one word.
@@ -63,7 +65,7 @@ class ApiAccessMiddleware(ASGIMiddleware):
         self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp
     ) -> None:
         state = scope["litestar_app"].state
-        principal = await _principal(scope, state.engine)
+        principal = await _principal(scope, state)
         structlog.contextvars.bind_contextvars(principal=principal.name)
         scope["user"] = principal
         scope["auth"] = principal.key_id
@@ -80,7 +82,7 @@ class ApiAccessMiddleware(ASGIMiddleware):
         await next_app(scope, receive, send)
 
 
-async def _principal(scope: Scope, engine: AsyncEngine) -> Principal:
+async def _principal(scope: Scope, state: State) -> Principal:
     header = None
     for key, value in scope["headers"]:
         if key == b"authorization":
@@ -89,11 +91,20 @@ async def _principal(scope: Scope, engine: AsyncEngine) -> Principal:
     token = bearer_token(header)
     if token is None:
         raise AuthenticationError(presented=header is not None)
+    key_id = api_keys.key_id_of(token)
+    if key_id is None:
+        raise AuthenticationError(presented=True)
 
-    # Looked up on every request, without a cache, so a revoked key stops
-    # working at once on every replica.
-    async with driver_connection(engine) as conn:
+    cache: ApiKeyCache = state.key_cache
+    principal = cache.principal(key_id, token)
+    if principal is not None:
+        return principal
+
+    # Taken before the lookup: a key revoked while it runs is not cached.
+    generation = cache.generation
+    async with driver_connection(state.engine) as conn:
         principal = await api_keys.authenticate(conn, token)
     if principal is None:
         raise AuthenticationError(presented=True)
+    cache.remember(token, principal, generation)
     return principal

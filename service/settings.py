@@ -37,6 +37,9 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     api_max_payload_depth: Positive = 32
     #: Requests each principal may make per minute; 0 turns the limit off.
     api_rate_limit_per_minute: NonNegative = 600
+    #: Seconds a checked key's principal is remembered; every change to the
+    #: keys empties the cache at once (see ``service.key_cache``). 0: none.
+    api_key_cache_seconds: NonNegative = 30
     #: Seconds an ``Idempotency-Key`` keeps answering with its first task.
     api_idempotency_ttl_seconds: Positive = 24 * 60 * 60
     #: Redis that holds the rate limit counters, shared by every API replica.
