@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from service.app import create_app
+from service.errors import RateLimitedError
+from service.rate_limit import PrincipalRateLimiter
 from service.registry import load_registry
 from service.settings import ServiceSettings
 
@@ -133,3 +136,22 @@ async def test_zero_turns_the_limit_off(
             assert (await api.get("/api/v1/tasks", headers=alice)).status_code == 200
 
     assert not [e for e in logs if e["event"] == "rate_limit_unavailable"]
+
+
+async def test_a_burst_admits_exactly_the_limit(limited: ServiceSettings) -> None:
+    limiter = PrincipalRateLimiter.from_settings(limited)
+    assert limiter is not None
+
+    async def admitted(principal: str) -> bool:
+        try:
+            await limiter.hit(principal)
+        except RateLimitedError:
+            return False
+        return True
+
+    # Concurrent requests share calls to Redis; the count must not suffer.
+    first = await asyncio.gather(*(admitted("carol") for _ in range(12)))
+    second = await asyncio.gather(*(admitted(name) for name in ["carol", "dan"] * 4))
+
+    assert first == [True] * 5 + [False] * 7
+    assert second == [False, True] * 4
