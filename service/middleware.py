@@ -29,6 +29,7 @@ never reaches route middleware, gets one too, and a log line.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -80,6 +81,20 @@ IN_PROGRESS = Gauge(
 logger = structlog.get_logger("service.access")
 
 
+# The metrics' children by label values, looked up once: ``labels()`` takes a
+# lock and checks its arguments on every call. Methods, route templates and
+# statuses are few; the bound only guards against a path without a template.
+@functools.lru_cache(maxsize=1024)
+def _in_progress(method: str, path: str) -> Gauge:
+    return IN_PROGRESS.labels(method, path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _answered(method: str, path: str, status: int) -> tuple[Counter, Histogram]:
+    code = str(status)
+    return REQUESTS.labels(method, path, code), DURATION.labels(method, path, code)
+
+
 def _request_id(scope: Scope) -> str:
     for key, value in scope.get("headers", ()):
         if key == b"x-request-id":
@@ -129,7 +144,8 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
         state["trace_headers"] = {}
         counted = path != "/metrics"
         if counted:
-            IN_PROGRESS.labels(method, path).inc()
+            in_progress = _in_progress(method, path)
+            in_progress.inc()
 
         traced = not scope["path"].startswith(UNTRACED_PREFIXES)
         with self._span(scope, method, path) if traced else nullcontext() as span:
@@ -152,12 +168,12 @@ class RequestTelemetryMiddleware(ASGIMiddleware):
                     if status >= 500:
                         span.set_status(Status(StatusCode.ERROR))
                 if counted:
-                    code = str(status)
-                    IN_PROGRESS.labels(method, path).dec()
-                    REQUESTS.labels(method, path, code).inc()
-                    DURATION.labels(method, path, code).observe(duration)
+                    in_progress.dec()
+                    requests, durations = _answered(method, path, status)
+                    requests.inc()
+                    durations.observe(duration)
                     if status >= 500:
-                        ERRORS.labels(method, path, code).inc()
+                        ERRORS.labels(method, path, str(status)).inc()
                 if not (route and route.opt.get("skip_access_log")):
                     logger.info(
                         "http_request",

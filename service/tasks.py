@@ -114,6 +114,21 @@ def require_storable_time(value: datetime | None, field: str) -> None:
         raise InvalidParameterError(field, "time out of range") from None
 
 
+#: A value met while walking a payload: the value, its depth, the entry of
+#: the object or array holding it (None for the payload) and its key or index.
+_Walked = tuple[Any, int, "_Walked | None", str | int]
+
+
+def _path_of(entry: _Walked) -> str:
+    """``payload.items[2].name`` for the value of ``entry``."""
+    steps: list[str] = []
+    while entry[2] is not None:
+        step = entry[3]
+        steps.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+        entry = entry[2]
+    return "payload" + "".join(reversed(steps))
+
+
 def check_payload(payload: Any, *, max_bytes: int, max_depth: int) -> None:
     """Refuse payloads too big, too deep, or holding text PostgreSQL cannot store.
 
@@ -121,27 +136,34 @@ def check_payload(payload: Any, *, max_bytes: int, max_depth: int) -> None:
     depth is known to be sane, so no payload can exhaust the interpreter's
     stack here. Raises RequestValidationError.
     """
-    pending: list[tuple[Any, int, str]] = [(payload, 1, "payload")]
+    # Each entry keeps its parent's entry and its own key or index, so a
+    # value's path is spelled out only for an error.
+    pending: list[_Walked] = [(payload, 1, None, "")]
     keys: Iterable[str]
     while pending:
-        value, depth, path = pending.pop()
+        entry = pending.pop()
+        value, depth = entry[0], entry[1]
         if isinstance(value, dict):
-            children = [(v, f"{path}.{k}") for k, v in value.items()]
+            children: Iterable[tuple[str | int, Any]] = value.items()
             keys = value.keys()
         elif isinstance(value, list):
-            children = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            children = enumerate(value)
             keys = ()
         else:
             if isinstance(value, str) and "\x00" in value:
-                raise RequestValidationError([(path, "contains a NUL character")])
+                raise RequestValidationError(
+                    [(_path_of(entry), "contains a NUL character")]
+                )
             continue
         if depth > max_depth:
             raise RequestValidationError(
                 [("payload", f"nested deeper than {max_depth} levels")]
             )
         if any("\x00" in key for key in keys):
-            raise RequestValidationError([(path, "a key contains a NUL character")])
-        pending.extend((child, depth + 1, child_path) for child, child_path in children)
+            raise RequestValidationError(
+                [(_path_of(entry), "a key contains a NUL character")]
+            )
+        pending.extend((child, depth + 1, entry, step) for step, child in children)
 
     if len(msgspec.json.encode(payload)) > max_bytes:
         raise RequestValidationError(

@@ -8,10 +8,15 @@ and writes that span's ``traceparent`` on the rows it adds, so one task's
 messages, however many retries, share one trace id, and log lines carry it as
 ``trace_id``.
 
-Spans are always made (the SDK's tracer provider gives them valid ids) but
-exported only when ``OTEL_ENABLED=true`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is
-set; the OTLP exporter then reads the standard ``OTEL_EXPORTER_OTLP_*``
-variables itself. Without an exporter a span costs a few microseconds.
+Spans are exported only when ``OTEL_ENABLED=true`` or
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; the OTLP exporter then reads the
+standard ``OTEL_EXPORTER_OTLP_*`` variables itself. A process that does not
+export does not record either: its spans are the SDK's non-recording spans,
+which still get fresh trace and span ids, so log lines and ``traceparent``
+headers are the same, at half the cost per request or message. Such a
+process marks the traces it starts as not sampled (``-00``) and keeps a
+caller's decision; so a trace that should be exported from the consumer on
+must start in a process that exports too.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace.propagation.tracecontext import (
     TraceContextTextMapPropagator,
 )
@@ -49,14 +55,20 @@ def create_tracer_provider(service_name: str, *, export: bool) -> TracerProvider
     attributes = (
         {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
     )
-    provider = TracerProvider(resource=Resource.create(attributes))
-    if export:
-        # Imported here: a process that does not export never loads it.
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter,
+    if not export:
+        # Recording spans nobody exports costs CPU on every request; the
+        # caller's sampling decision still travels on.
+        return TracerProvider(
+            resource=Resource.create(attributes), sampler=ParentBased(ALWAYS_OFF)
         )
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # Imported here: a process that does not export never loads it.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter,
+    )
+
+    provider = TracerProvider(resource=Resource.create(attributes))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 
 
