@@ -3,9 +3,10 @@
 One pass claims a batch (a committed lease, see :mod:`outbox_relay.queries`),
 publishes it with confirms, and settles it: confirmed rows are marked
 published in one statement, failed rows get an attempt and a back-off, rows
-the connection dropped are handed back without counting. A full batch is
-followed at once by another pass; otherwise the relay sleeps until a NOTIFY, the
-next row's due time or the poll interval, whichever comes first.
+the connection dropped are handed back without counting. A full batch, or
+one during which a NOTIFY arrived, is followed at once by another pass;
+otherwise the relay sleeps until a NOTIFY, the next row's due time or the
+poll interval, whichever comes first.
 
 A batch the broker confirmed whole is marked in the background while the next
 pass claims and publishes, so the database's work on one batch overlaps the
@@ -220,7 +221,10 @@ class OutboxRelay:
 
                 if broker_error is None:
                     self._broker.up()
-                    if not full:
+                    # More rows were committed during the pass (a NOTIFY came):
+                    # the next pass claims them at once, while this batch is
+                    # still being marked, as after a full batch.
+                    if not full and not self._wakeup.is_set():
                         # Nothing stays leased (or unlogged) while idle.
                         await self._catch_up(store)
                         await self._idle(store, stop)
@@ -505,6 +509,8 @@ class OutboxRelay:
 
     async def _idle(self, store: OutboxStore, stop: asyncio.Event) -> None:
         """Sleep until a NOTIFY, the next due row or the poll interval."""
+        if self._wakeup.is_set():
+            return
         delay = self._settings.relay_poll_interval
         seconds_until_due = await store.seconds_until_next_due()
         if seconds_until_due is not None:

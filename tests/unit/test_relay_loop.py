@@ -304,6 +304,34 @@ async def test_the_next_batch_goes_out_while_the_last_one_is_marked() -> None:
         await until(lambda: store.published == [1, 2, 3])
 
 
+async def test_rows_notified_during_a_pass_go_out_before_its_mark_commits() -> None:
+    store = FakeStore(make_rows(1))
+    store.mark_gate.clear()
+    publisher = FakePublisher(lambda row: None)
+    publisher.gate.clear()
+    relay = OutboxRelay(
+        settings(relay_batch_size=10, relay_poll_interval=60),
+        store=store,  # type: ignore[arg-type]
+        publisher=publisher,  # type: ignore[arg-type]
+    )
+
+    async with running(relay):
+        try:
+            await until(lambda: publisher.batches == [[1]])
+            # Row 2 commits while batch 1 is in flight, and its NOTIFY comes.
+            store.pending.update({row.id: row for row in make_rows(2)})
+            relay._wakeup.set()
+            publisher.gate.set()
+
+            # Batch 1 was not full, yet the relay neither idles nor waits
+            # for its mark: row 2 goes out at once.
+            await until(lambda: publisher.batches == [[1], [2]], within=2)
+            assert store.published == []
+        finally:
+            store.mark_gate.set()
+        await until(lambda: store.published == [1, 2])
+
+
 async def test_a_mark_the_database_interrupted_is_repeated_first() -> None:
     store = FakeStore(make_rows(1, 2))
     store.fail_next["mark_published"] = 1
