@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,8 @@ from bench.env import (
 CLIENTS = 32
 #: Seconds of load before each measured run, so pools and caches are warm.
 WARM_UP_SECONDS = 2
+#: Alternating peak runs of each side in the API group.
+PEAK_ROUNDS = 2
 #: A measurement that makes no progress for this long is a failure.
 STALL_SECONDS = 90
 
@@ -103,10 +106,17 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
-async def _peak(url: str, seconds: int, auth: str = "") -> http.LoadResult:
+async def _warm(url: str, auth: str = "") -> None:
     await asyncio.to_thread(
         http.peak, url, connections=CLIENTS, seconds=WARM_UP_SECONDS, auth=auth
     )
+
+
+async def _peak(
+    url: str, seconds: int, auth: str = "", *, warm: bool = True
+) -> http.LoadResult:
+    if warm:
+        await _warm(url, auth)
     return await asyncio.to_thread(
         http.peak, url, connections=CLIENTS, seconds=seconds, auth=auth
     )
@@ -141,33 +151,50 @@ async def _scratch() -> AsyncIterator[tuple[str, asyncpg.Connection, str, str]]:
 async def api_figures(seconds: int, log_dir: Path) -> dict[str, float]:
     """Peak rate at ``CLIENTS`` clients and p99 at half the bare endpoint's
     peak, for the API and the bare endpoint; and the API's peak with the
-    outbox's NOTIFY trigger on and off (a LISTEN connection open in both)."""
-    async with _scratch() as (database_url, conn, prefix, _):
-        with raw_api(log_dir, "outbox", database_url) as bare_url:
-            bare = await _peak(bare_url, seconds)
-            bare_paced = await _paced(bare_url, bare.rate / 2, seconds)
+    outbox's NOTIFY trigger on and off (a LISTEN connection open in both).
 
+    Both servers run side by side (the one not under load idles) and their
+    peaks alternate, ``PEAK_ROUNDS`` each, so a change in the machine's
+    speed during the group weighs on both sides of a ratio alike; the same
+    for the NOTIFY comparison. A rate is the mean of its rounds.
+    """
+    async with _scratch() as (database_url, conn, prefix, _):
         await conn.add_listener("outbox_pending", lambda *_: None)
-        with pipeline(database_url, prefix, log_dir) as group:
+        with (
+            raw_api(log_dir, "outbox", database_url) as bare_url,
+            pipeline(database_url, prefix, log_dir) as group,
+        ):
             key = group.create_api_key("bench", "tasks:write")
             auth = f"Bearer {key}"
             group.start("api")
             await group.wait_ready()
             url = f"{group.api_url}/api/v1/tasks"
-            api = await _peak(url, seconds, auth)
-            api_paced = await _paced(url, bare.rate / 2, seconds, auth)
-            await conn.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
-            silent = await _peak(url, seconds, auth)
-            await conn.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
-            notified = await _peak(url, seconds, auth)
+
+            await _warm(bare_url)
+            await _warm(url, auth)
+            bare_rates, api_rates = [], []
+            for _ in range(PEAK_ROUNDS):
+                bare_rates.append((await _peak(bare_url, seconds, warm=False)).rate)
+                api_rates.append((await _peak(url, seconds, auth, warm=False)).rate)
+            bare_rate = statistics.mean(bare_rates)
+
+            bare_paced = await _paced(bare_url, bare_rate / 2, seconds)
+            api_paced = await _paced(url, bare_rate / 2, seconds, auth)
+
+            silent_rates, notified_rates = [], []
+            for _ in range(PEAK_ROUNDS):
+                await conn.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_notify")
+                silent_rates.append((await _peak(url, seconds, auth)).rate)
+                await conn.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_notify")
+                notified_rates.append((await _peak(url, seconds, auth)).rate)
     return {
-        "bare_rate": bare.rate,
-        "api_rate": api.rate,
+        "bare_rate": bare_rate,
+        "api_rate": statistics.mean(api_rates),
         "bare_p99_ms": bare_paced.p99_ms,
         "api_p99_ms": api_paced.p99_ms,
-        "paced_rate": bare.rate / 2,
-        "api_rate_without_notify": silent.rate,
-        "api_rate_with_notify": notified.rate,
+        "paced_rate": bare_rate / 2,
+        "api_rate_without_notify": statistics.mean(silent_rates),
+        "api_rate_with_notify": statistics.mean(notified_rates),
     }
 
 
