@@ -14,7 +14,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from opentelemetry.sdk.trace import TracerProvider
 
 from service.auth import ApiAccessMiddleware
-from service.database import create_engine
+from service.database import create_driver_pool, create_engine
 from service.key_cache import ApiKeyCache, listening_for_key_changes
 from service.middleware import RequestTelemetryMiddleware, add_request_id_header
 from service.problems import EXCEPTION_HANDLERS
@@ -26,6 +26,9 @@ from service.settings import ServiceSettings
 from service.tracing import create_tracer_provider, tracing_exported
 
 API_VERSION = "1.0.0"
+
+#: Seconds shut-down waits for the hot path's connections to come back.
+POOL_CLOSE_SECONDS = 5
 
 
 def create_app(
@@ -50,12 +53,19 @@ def create_app(
     async def database(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
         app.state.engine = engine
+        driver_pool = app.state.driver_pool = await create_driver_pool(settings)
         app.state.rate_limiter = PrincipalRateLimiter.from_settings(settings)
         key_cache = app.state.key_cache = ApiKeyCache(settings.api_key_cache_seconds)
         try:
             async with listening_for_key_changes(key_cache, settings.database_url):
                 yield
         finally:
+            try:
+                # uvicorn let the requests finish first; one it gave up on
+                # may still hold a connection, which is then cut.
+                await asyncio.wait_for(driver_pool.close(), POOL_CLOSE_SECONDS)
+            except TimeoutError:
+                driver_pool.terminate()
             await engine.dispose()
             if own_provider:
                 # Flushes spans the exporter still holds; blocks briefly.

@@ -24,7 +24,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from service import api_keys
 from service.api_keys import Principal
-from service.database import driver_connection
+from service.database import pooled
 from service.errors import AuthenticationError, MissingScopeError
 from service.key_cache import ApiKeyCache
 from service.rate_limit import PrincipalRateLimiter
@@ -102,7 +102,7 @@ async def _principal(scope: Scope, state: State) -> Principal:
 
     # Taken before the lookup: a key revoked while it runs is not cached.
     generation = cache.generation
-    async with driver_connection(state.engine) as conn:
+    async with pooled(state.driver_pool) as conn:
         principal = await api_keys.authenticate(conn, token)
     if principal is None:
         raise AuthenticationError(presented=True)

@@ -27,7 +27,7 @@ from sqlalchemy import text
 
 from service import tasks
 from service.api_keys import Principal, Scope
-from service.database import driver_connection
+from service.database import pooled
 from service.idempotency import IdempotencyClaim, request_hash
 from service.middleware import outbox_headers
 from service.models import TaskPriority, TaskStatus
@@ -133,7 +133,7 @@ class TaskController(Controller):
                 request_hash=request_hash(data),
                 ttl_seconds=settings.api_idempotency_ttl_seconds,
             )
-        async with driver_connection(state.engine) as conn:
+        async with pooled(state.driver_pool) as conn:
             submitted = await tasks.submit_task(
                 conn,
                 data,

@@ -46,7 +46,8 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     rate_limit_storage_url: str = "redis://127.0.0.1:6379/0"
     #: Start of every rate limit key, so deployments can share one Redis.
     rate_limit_key_prefix: str = "outbox-tasks"
-    #: Connections the API keeps to PostgreSQL; requests beyond them wait.
+    #: Connections in each of the API's two pools (see ``service.database``);
+    #: requests beyond them wait.
     db_pool_size: int = 10
     #: Type used when a submitted task names none.
     default_task_type: str = "checksum"

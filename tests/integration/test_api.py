@@ -363,3 +363,29 @@ async def test_every_hot_path_statement_prepares_against_the_migrated_schema(
             await db.prepare(sql)
         except asyncpg.PostgresError as exc:
             pytest.fail(f"statement {name} does not prepare: {exc}")
+
+
+async def test_submissions_come_back_after_the_database_connections_broke(
+    client: AsyncTestClient[Any], alice: dict[str, str], db: asyncpg.Connection
+) -> None:
+    client.headers.update(alice)
+    for _ in range(3):
+        assert (
+            await client.post("/api/v1/tasks", json={"title": "t"})
+        ).status_code == 201
+
+    # Every connection the API holds dies, as when the server restarts.
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = 'outbox-tasks-api' AND datname = current_database()"
+    )
+    assert killed >= 1
+
+    # A dead connection may fail one request (503); it is then replaced, not
+    # handed out again.
+    statuses = [
+        (await client.post("/api/v1/tasks", json={"title": "t"})).status_code
+        for _ in range(15)
+    ]
+    assert set(statuses) <= {201, 503}
+    assert statuses[-5:] == [201] * 5
