@@ -22,12 +22,13 @@ import asyncpg
 import click
 import uvloop
 
+from consumer.settings import DEFAULT_PREFETCH
 from consumer.topology import TopologyNames, declare_topology
 
 #: Unconfirmed messages the raw publisher keeps in flight.
 PUBLISH_WINDOW = 256
 #: The consumer's default prefetch, used by the raw consumers too.
-PREFETCH = 32
+PREFETCH = DEFAULT_PREFETCH
 
 INSERT_INBOX = "INSERT INTO raw_inbox (message_id, routing_key) VALUES ($1, $2)"
 COMPLETE_TASK = """

@@ -16,7 +16,7 @@ def test_defaults_point_at_local_services() -> None:
     assert settings.database_url == DEFAULT_DATABASE_URL
     assert settings.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
     assert settings.amqp_prefix == "tasks"
-    assert settings.consumer_prefetch == 32
+    assert settings.consumer_prefetch == 64
     assert settings.consumer_delivery_limit == 5
     assert settings.log_json is None
 
