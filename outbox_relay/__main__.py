@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 
+import asyncpg
 import click
 import msgspec
 import structlog
@@ -105,7 +106,9 @@ def status(as_json: bool) -> None:
     settings = _settings()
     try:
         lag = asyncio.run(read_lag(settings.database_url))
-    except RelayError as exc:
+    # A database that does not exist or is not migrated: a message, not a
+    # traceback.
+    except (RelayError, asyncpg.PostgresError) as exc:
         raise click.ClickException(f"cannot read the outbox: {exc}") from exc
 
     if as_json:
@@ -132,7 +135,7 @@ def replay_dead_command(replay_all: bool, ids: tuple[int, ...]) -> None:
         replayed = asyncio.run(
             replay_dead(settings.database_url, None if replay_all else ids)
         )
-    except RelayError as exc:
+    except (RelayError, asyncpg.PostgresError) as exc:
         raise click.ClickException(f"cannot reach the outbox: {exc}") from exc
 
     click.echo(f"replayed {len(replayed)} row(s): {_id_list(replayed)}")

@@ -205,17 +205,22 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
 #: table. A row scheduled for later (a ``run_at``, a back-off) or leased by a
 #: relay ages but is not due, so only the last figure says the relays are
 #: behind. A row whose lease ran out counts as due since its ``available_at``:
-#: it has waited that long.
+#: it has waited that long. A row held back behind an earlier row of its key
+#: is not due (a cancelled task's event behind its ``task.created`` row
+#: scheduled for next week would otherwise look overdue all week); the earlier
+#: row counts once it is due. The ``due`` column of the ``outbox_lag`` view
+#: means the same (migration 0009).
 PENDING_SUMMARY = f"""
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
            AS oldest_age_seconds,
        coalesce(extract(epoch FROM now() - min(available_at)
                                     FILTER (WHERE available_at <= now()
-                                              AND {_NOT_LEASED})),
+                                              AND {_NOT_LEASED}
+                                              AND {_HEAD_OF_ITS_KEY})),
                 0)::float8
            AS longest_due_seconds
-  FROM outbox
+  FROM outbox AS candidate
  WHERE published_at IS NULL
    AND dead_at IS NULL
 """

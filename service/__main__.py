@@ -48,7 +48,10 @@ def _settings() -> ServiceSettings:
 def serve() -> None:
     """Serve the HTTP API on API_HOST:API_PORT."""
     settings = _settings()
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
 
     # uvicorn handles SIGTERM and SIGINT: it stops accepting connections, lets
     # in-flight requests finish and runs the lifespan shutdown (closing the

@@ -13,6 +13,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from opentelemetry.sdk.trace import TracerProvider
 
+from outbox_relay.errors import SettingsError
 from service.auth import ApiAccessMiddleware
 from service.database import create_driver_pool, create_engine
 from service.key_cache import ApiKeyCache, listening_for_key_changes
@@ -41,6 +42,13 @@ def create_app(
     keeps them in memory); otherwise to a provider of the app's own, which it
     shuts down with the lifespan."""
     registry = registry or load_registry(settings.task_handler_modules)
+    if settings.default_task_type not in registry:
+        # Otherwise every request that names no type would be refused as if
+        # the client had named an unknown one.
+        raise SettingsError(
+            f"DEFAULT_TASK_TYPE {settings.default_task_type!r} is not a registered"
+            f" task type (registered: {', '.join(registry.names())})"
+        )
     own_provider = tracer_provider is None
     provider = tracer_provider or create_tracer_provider(
         "outbox-tasks-api",

@@ -36,7 +36,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from service.errors import RateLimitedError
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, redis_scheme
 
 #: Longest a group of requests waits for Redis before it is let through
 #: unchecked.
@@ -47,10 +47,8 @@ logger = structlog.get_logger(__name__)
 
 def async_storage_url(url: str) -> str:
     """``redis://…`` as the ``limits`` library names its asyncio Redis storage."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in {"redis", "rediss"}:
-        raise ValueError("RATE_LIMIT_STORAGE_URL must be a redis:// or rediss:// URL")
-    return f"async+{scheme}://{rest}"
+    redis_scheme(url)
+    return f"async+{url}"
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 
 from outbox_relay.config import LogLevel, Port, mask_url
+from service.schemas import MaxAttempts
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/outbox_tasks"
 
@@ -48,11 +49,12 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     rate_limit_key_prefix: str = "outbox-tasks"
     #: Connections in each of the API's two pools (see ``service.database``);
     #: requests beyond them wait.
-    db_pool_size: int = 10
-    #: Type used when a submitted task names none.
+    db_pool_size: Positive = 10
+    #: Type used when a submitted task names none; the API refuses to start
+    #: when no handler of that name is registered.
     default_task_type: str = "checksum"
-    #: Attempts a task gets when it does not say.
-    default_max_attempts: int = 3
+    #: Attempts a task gets when it does not say; the range a request may ask.
+    default_max_attempts: MaxAttempts = 3
     #: Comma-separated modules that register extra task handlers on import.
     task_handler_modules: str = ""
     #: Export the API's spans over OTLP (see ``service.tracing``); also on
@@ -65,9 +67,20 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     #: JSON log lines; unset means JSON unless standard error is a terminal.
     log_json: bool | None = None
 
+    def __post_init__(self) -> None:
+        redis_scheme(self.rate_limit_storage_url)
+
     def __repr__(self) -> str:
         return (
             f"ServiceSettings(database_url={mask_url(self.database_url)!r}, "
             f"api_host={self.api_host!r}, api_port={self.api_port}, "
             f"rate_limit_storage_url={mask_url(self.rate_limit_storage_url)!r})"
         )
+
+
+def redis_scheme(url: str) -> str:
+    """The scheme of ``RATE_LIMIT_STORAGE_URL``; ValueError unless Redis's."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in {"redis", "rediss"}:
+        raise ValueError("RATE_LIMIT_STORAGE_URL must be a redis:// or rediss:// URL")
+    return scheme

@@ -432,6 +432,43 @@ async def test_the_due_gauge_ignores_rows_scheduled_for_later(
     assert 300 <= summary.longest_due_seconds < 400
 
 
+async def test_a_row_held_behind_a_scheduled_row_of_its_key_is_not_due(
+    db: asyncpg.Connection[Any], database_url: str
+) -> None:
+    # A task scheduled for tomorrow and cancelled ten minutes ago: its
+    # cancellation waits for the creation, which no relay may publish yet.
+    await db.execute(
+        """
+        INSERT INTO outbox (routing_key, body, correlation_id, created_at,
+                            available_at)
+        VALUES ('task.created', '{}', 'k', now() - interval '1 hour',
+                now() + interval '1 day'),
+               ('task.cancelled', '{}', 'k', now() - interval '10 minutes',
+                now() - interval '10 minutes')
+        """
+    )
+    store = await OutboxStore.open(database_url, "gauge-test")
+    try:
+        held = await store.pending_summary()
+        # Once the creation is due, it is what has waited.
+        await db.execute(
+            "UPDATE outbox SET available_at = now() - interval '2 minutes'"
+            " WHERE routing_key = 'task.created'"
+        )
+        released = await store.pending_summary()
+    finally:
+        await store.close()
+    lag = {
+        row["routing_key"]: row["due"]
+        for row in await db.fetch("SELECT routing_key, due FROM outbox_lag")
+    }
+
+    assert held.pending == 2
+    assert held.longest_due_seconds == 0
+    assert 120 <= released.longest_due_seconds < 200
+    assert lag == {"task.created": 1, "task.cancelled": 0}
+
+
 async def test_sigterm_drains_and_exits_zero(
     db: asyncpg.Connection[Any], database_url: str, amqp_prefix: str, tasks_queue: Any
 ) -> None:

@@ -14,6 +14,8 @@ from outbox_relay.config import (
 )
 from outbox_relay.errors import SettingsError
 from outbox_relay.settings import RelaySettings
+from service.app import create_app
+from service.registry import load_registry
 from service.settings import ServiceSettings
 
 
@@ -75,6 +77,29 @@ def test_log_levels_and_ports_are_checked_at_start_up(
 ) -> None:
     with pytest.raises(SettingsError, match=variable.lower()):
         load_settings(settings_type, {variable: value})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "match"),
+    [
+        ("DB_POOL_SIZE", "0", "db_pool_size"),
+        ("DEFAULT_MAX_ATTEMPTS", "0", "default_max_attempts"),
+        ("DEFAULT_MAX_ATTEMPTS", "101", "default_max_attempts"),
+        ("RATE_LIMIT_STORAGE_URL", "http://cache:6379", "redis://"),
+    ],
+)
+def test_the_apis_pool_defaults_and_redis_are_checked_at_start_up(
+    variable: str, value: str, match: str
+) -> None:
+    with pytest.raises(SettingsError, match=match):
+        load_settings(ServiceSettings, {variable: value})
+
+
+def test_a_default_task_type_without_a_handler_stops_the_api_at_start_up() -> None:
+    settings = ServiceSettings(default_task_type="nope")
+
+    with pytest.raises(SettingsError, match=r"DEFAULT_TASK_TYPE 'nope'.*checksum"):
+        create_app(settings, load_registry())
 
 
 def test_log_levels_are_accepted_in_any_case() -> None:
