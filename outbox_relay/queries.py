@@ -206,21 +206,22 @@ SELECT extract(epoch FROM available_at - now())::float8 AS seconds_until
 #: relay ages but is not due, so only the last figure says the relays are
 #: behind. A row whose lease ran out counts as due since its ``available_at``:
 #: it has waited that long. A row held back behind an earlier row of its key
-#: is not due (a cancelled task's event behind its ``task.created`` row
-#: scheduled for next week would otherwise look overdue all week); the earlier
-#: row counts once it is due. The ``due`` column of the ``outbox_lag`` view
-#: means the same (migration 0009).
+#: is not due either (a cancelled task's event behind its ``task.created``
+#: row scheduled for next week would otherwise look overdue all week); the
+#: earlier row counts once it is due. The ``due`` column of the
+#: ``outbox_lag`` view means the same (migration 0009).
+#:
+#: The last figure is :data:`NEXT_AVAILABLE_AT` turned around: the first
+#: claimable row in due order is the one due the longest, if it is due at
+#: all. Walking the index to it is cheap where checking every row of a large
+#: backlog for an earlier row of its key is not.
 PENDING_SUMMARY = f"""
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
            AS oldest_age_seconds,
-       coalesce(extract(epoch FROM now() - min(available_at)
-                                    FILTER (WHERE available_at <= now()
-                                              AND {_NOT_LEASED}
-                                              AND {_HEAD_OF_ITS_KEY})),
-                0)::float8
+       greatest(coalesce(-({NEXT_AVAILABLE_AT}), 0), 0)::float8
            AS longest_due_seconds
-  FROM outbox AS candidate
+  FROM outbox
  WHERE published_at IS NULL
    AND dead_at IS NULL
 """
