@@ -12,13 +12,15 @@ import os
 
 import procrastinate
 
+from consumer.settings import DEFAULT_PREFETCH
+
 #: Environment variable the worker reads its database URL from.
 DATABASE_URL_ENV = "BENCH_PROCRASTINATE_DATABASE_URL"
 
 NOOP_TASK = "bench.noop"
 
 #: Jobs the worker runs at once: the project consumer's default prefetch.
-WORKER_CONCURRENCY = 32
+WORKER_CONCURRENCY = DEFAULT_PREFETCH
 
 
 def create_app(database_url: str, *, pool_size: int) -> procrastinate.App:

@@ -54,7 +54,7 @@ import aio_pika
 import asyncpg
 from celery import Celery
 
-from bench import peer_celery, peer_procrastinate
+from bench import figures, peer_celery, peer_procrastinate
 from bench.env import AMQP_URL, ROOT, scratch_database
 
 #: Seconds without any submission or completion before a run is abandoned.
@@ -70,8 +70,9 @@ POLL_SECONDS = 0.1
 
 #: Threads publishing to Celery, each with one publish awaiting its confirm.
 CELERY_SUBMITTERS = 8
-#: Coroutines deferring Procrastinate jobs, as many as the consumer's prefetch.
-PROCRASTINATE_SUBMITTERS = 32
+#: Coroutines deferring Procrastinate jobs, as many as the HTTP clients that
+#: submit to this service in the end-to-end figure.
+PROCRASTINATE_SUBMITTERS = figures.CLIENTS
 #: Connections the submitting coroutines share, as the API's pool would be.
 PROCRASTINATE_SUBMIT_POOL = 10
 
