@@ -82,6 +82,10 @@ def run() -> None:
     logger.info("consumer_starting", settings=repr(settings))
     try:
         registry = load_registry(settings.task_handler_modules)
+    except SettingsError as exc:
+        logger.error("settings_invalid", error=str(exc))
+        sys.exit(EXIT_BAD_SETTINGS)
+    try:
         # uvloop: the same asyncio, with its loop and sockets in C.
         uvloop.run(_serve(settings, registry))
     except Exception:

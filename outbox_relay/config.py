@@ -57,9 +57,15 @@ def load_settings(
                 raise SettingsError(f"cannot read {file_name}: {exc}") from exc
 
     try:
-        return msgspec.convert(raw, settings_type, strict=False)
+        settings = msgspec.convert(raw, settings_type, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid setting: {exc}") from exc
+    # Every process's settings name the database; a URL of another kind is
+    # refused here, not when the first connection is made.
+    database_url = getattr(settings, "database_url", None)
+    if isinstance(database_url, str):
+        sqlalchemy_url(database_url)
+    return settings
 
 
 def load_env_file() -> None:

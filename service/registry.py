@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 import structlog
 
+from outbox_relay.errors import SettingsError
 from service.errors import UnknownTaskTypeError
 
 if TYPE_CHECKING:
@@ -156,7 +157,17 @@ def load_registry(extra_modules: str = "") -> HandlerRegistry:
         logger.debug("handlers_loaded", entry_point=entry_point.name)
 
     for module in filter(None, (m.strip() for m in extra_modules.split(","))):
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # A misspelt name is a setting's fault; an import failing inside
+            # the module is the module's, and keeps its traceback.
+            if exc.name != module and not module.startswith(f"{exc.name}."):
+                raise
+            raise SettingsError(
+                f"TASK_HANDLER_MODULES names {module!r}, which cannot be"
+                f" imported: {exc}"
+            ) from exc
         logger.debug("handlers_loaded", module=module)
 
     return default_registry

@@ -102,6 +102,33 @@ def test_a_default_task_type_without_a_handler_stops_the_api_at_start_up() -> No
         create_app(settings, load_registry())
 
 
+@pytest.mark.parametrize(
+    "settings_type", [ServiceSettings, RelaySettings, ConsumerSettings]
+)
+def test_a_database_url_of_another_kind_is_refused_at_start_up(
+    settings_type: type[msgspec.Struct],
+) -> None:
+    with pytest.raises(SettingsError, match="postgresql://"):
+        load_settings(settings_type, {"DATABASE_URL": "http://db:5432/tasks"})
+
+
+def test_a_misspelt_handler_module_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match=r"'no\.such\.handlers'"):
+        load_registry("no.such.handlers")
+
+
+def test_a_handler_module_that_fails_to_import_keeps_its_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_handlers.py").write_text(
+        "import a_dependency_never_installed\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_never_installed"):
+        load_registry("broken_handlers")
+
+
 def test_log_levels_are_accepted_in_any_case() -> None:
     assert load_settings(ServiceSettings, {"LOG_LEVEL": "debug"}).log_level == "debug"
 
