@@ -109,7 +109,9 @@ def status(as_json: bool) -> None:
     # A database that does not exist or is not migrated: a message, not a
     # traceback.
     except (RelayError, asyncpg.PostgresError) as exc:
-        raise click.ClickException(f"cannot read the outbox: {exc}") from exc
+        raise click.ClickException(
+            f"cannot read the outbox: {exc}{_migrate_hint(exc)}"
+        ) from exc
 
     if as_json:
         click.echo(msgspec.json.encode(lag).decode())
@@ -136,7 +138,9 @@ def replay_dead_command(replay_all: bool, ids: tuple[int, ...]) -> None:
             replay_dead(settings.database_url, None if replay_all else ids)
         )
     except (RelayError, asyncpg.PostgresError) as exc:
-        raise click.ClickException(f"cannot reach the outbox: {exc}") from exc
+        raise click.ClickException(
+            f"cannot reach the outbox: {exc}{_migrate_hint(exc)}"
+        ) from exc
 
     click.echo(f"replayed {len(replayed)} row(s): {_id_list(replayed)}")
     missing = sorted(set(ids) - set(replayed))
@@ -147,6 +151,13 @@ def replay_dead_command(replay_all: bool, ids: tuple[int, ...]) -> None:
 
 def _id_list(ids: list[int]) -> str:
     return ", ".join(str(row_id) for row_id in ids) or "none"
+
+
+def _migrate_hint(exc: Exception) -> str:
+    """What to do about a database without the outbox's tables or views."""
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return " (is the database migrated? run `python -m service migrate`)"
+    return ""
 
 
 if __name__ == "__main__":
