@@ -7,8 +7,10 @@ directory (see :class:`outbox_relay.settings.RelaySettings`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import asyncpg
 import click
@@ -104,14 +106,8 @@ def status(as_json: bool) -> None:
     `python -m consumer status`.
     """
     settings = _settings()
-    try:
+    with _outbox_errors("cannot read the outbox"):
         lag = asyncio.run(read_lag(settings.database_url))
-    # A database that does not exist or is not migrated: a message, not a
-    # traceback.
-    except (RelayError, asyncpg.PostgresError) as exc:
-        raise click.ClickException(
-            f"cannot read the outbox: {exc}{_migrate_hint(exc)}"
-        ) from exc
 
     if as_json:
         click.echo(msgspec.json.encode(lag).decode())
@@ -133,14 +129,10 @@ def replay_dead_command(replay_all: bool, ids: tuple[int, ...]) -> None:
         raise click.UsageError("name the rows to replay, or pass --all (not both)")
 
     settings = _settings()
-    try:
+    with _outbox_errors("cannot reach the outbox"):
         replayed = asyncio.run(
             replay_dead(settings.database_url, None if replay_all else ids)
         )
-    except (RelayError, asyncpg.PostgresError) as exc:
-        raise click.ClickException(
-            f"cannot reach the outbox: {exc}{_migrate_hint(exc)}"
-        ) from exc
 
     click.echo(f"replayed {len(replayed)} row(s): {_id_list(replayed)}")
     missing = sorted(set(ids) - set(replayed))
@@ -153,11 +145,17 @@ def _id_list(ids: list[int]) -> str:
     return ", ".join(str(row_id) for row_id in ids) or "none"
 
 
-def _migrate_hint(exc: Exception) -> str:
-    """What to do about a database without the outbox's tables or views."""
-    if isinstance(exc, asyncpg.UndefinedTableError):
-        return " (is the database migrated? run `python -m service migrate`)"
-    return ""
+@contextlib.contextmanager
+def _outbox_errors(what: str) -> Iterator[None]:
+    """A database that is down, missing or not migrated, as one line after
+    ``what`` rather than a traceback."""
+    try:
+        yield
+    except (RelayError, asyncpg.PostgresError) as exc:
+        hint = ""
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            hint = " (is the database migrated? run `python -m service migrate`)"
+        raise click.ClickException(f"{what}: {exc}{hint}") from exc
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from service.errors import RateLimitedError
-from service.settings import ServiceSettings, redis_scheme
+from service.settings import ServiceSettings, check_redis_url
 
 #: Longest a group of requests waits for Redis before it is let through
 #: unchecked.
@@ -47,7 +47,7 @@ logger = structlog.get_logger(__name__)
 
 def async_storage_url(url: str) -> str:
     """``redis://…`` as the ``limits`` library names its asyncio Redis storage."""
-    redis_scheme(url)
+    check_redis_url(url)
     return f"async+{url}"
 
 

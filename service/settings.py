@@ -68,7 +68,7 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
     log_json: bool | None = None
 
     def __post_init__(self) -> None:
-        redis_scheme(self.rate_limit_storage_url)
+        check_redis_url(self.rate_limit_storage_url)
 
     def __repr__(self) -> str:
         return (
@@ -78,9 +78,8 @@ class ServiceSettings(msgspec.Struct, kw_only=True):
         )
 
 
-def redis_scheme(url: str) -> str:
-    """The scheme of ``RATE_LIMIT_STORAGE_URL``; ValueError unless Redis's."""
+def check_redis_url(url: str) -> None:
+    """ValueError unless ``RATE_LIMIT_STORAGE_URL`` is a Redis URL."""
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in {"redis", "rediss"}:
         raise ValueError("RATE_LIMIT_STORAGE_URL must be a redis:// or rediss:// URL")
-    return scheme
